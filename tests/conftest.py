@@ -1,0 +1,39 @@
+"""Shared test fixtures.
+
+`../shared` (beside the repository) holds reference material: the real PEGASUS vocabulary and the
+published configs. It is absent from a user's fresh clone, so tests that need it skip with a
+clear reason instead of failing.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
+
+
+def shared_file(*parts: str) -> Path:
+    """Path to a file in ../shared, or skip the calling test with the reason it is missing."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"reference material not found: {path} (it lives beside the repo, not in it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def spiece_model() -> Path:
+    return shared_file("pegasus", "spiece.model")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json() -> Path:
+    return shared_file("pegasus", "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def published_configs() -> dict:
+    return json.loads(shared_file("configs", "published.json").read_text())
