@@ -1,0 +1,394 @@
+"""PEGASUS in one file: config, building blocks, and the encoder-decoder model.
+
+PEGASUS (Zhang et al. 2020, "PEGASUS: Pre-training with Extracted Gap-sentences for Abstractive
+Summarization", https://arxiv.org/abs/1912.08777) is a standard Transformer encoder-decoder
+(Vaswani et al. 2017) with three details that matter for getting the published numbers:
+
+  1. pre-LayerNorm residual blocks (LayerNorm *before* attention/FFN) plus a final LayerNorm
+     after each stack, as in the original TensorFlow code (pegasus/layers/transformer_block.py);
+  2. fixed sinusoidal positions with the sines in the first half of the vector and the cosines in
+     the second half (not interleaved as in the Transformer paper);
+  3. token embeddings scaled by sqrt(d_model), tied with the output projection, plus a
+     `final_logits_bias` vector added to the logits.
+
+Parameter names follow the Hugging Face checkpoint layout (`encoder.layers.0.self_attn.q_proj`,
+...) so that `load_weights.py` is a short explicit map. Read top to bottom: config, positions,
+attention, layers, model.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class PegasusConfig:
+    vocab_size: int = 96103  # 96,000 SentencePiece pieces + 103 reserved ids (see tokenizer.py)
+    d_model: int = 1024  # width of every hidden state
+    encoder_layers: int = 16  # number of encoder blocks
+    decoder_layers: int = 16  # number of decoder blocks
+    encoder_attention_heads: int = 16  # heads in encoder self-attention
+    decoder_attention_heads: int = 16  # heads in decoder self- and cross-attention
+    encoder_ffn_dim: int = 4096  # hidden width of the encoder feed-forward block
+    decoder_ffn_dim: int = 4096  # hidden width of the decoder feed-forward block
+    max_position_embeddings: int = 1024  # longest input/output the position table covers
+    activation_function: str = "relu"  # FFN non-linearity; all published checkpoints use relu
+    scale_embedding: bool = True  # multiply token embeddings by sqrt(d_model)
+    dropout: float = 0.1  # on embeddings and residual branches (training only)
+    attention_dropout: float = 0.0  # on attention probabilities (training only)
+    activation_dropout: float = 0.0  # after the FFN non-linearity (training only)
+    pad_token_id: int = 0  # <pad>; also the decoder start token
+    eos_token_id: int = 1  # </s>
+    decoder_start_token_id: int = 0  # first decoder input: PEGASUS reuses <pad>
+    forced_eos_token_id: int = 1  # generation forces this at the last allowed step
+    init_std: float = 0.02  # std of the normal init for fresh (untrained) weights
+    tie_word_embeddings: bool = True  # output projection = token embedding (all published models)
+    model_type: str = "pegasus"  # "pegasus" or "pegasus_x"; load_weights.py dispatches on it
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PegasusConfig":
+        """Build from a Hugging Face config.json dict; keys we do not use are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The published checkpoints (from their config.json files; ../shared/configs/published.json).
+# All share vocab 96,103, relu, scaled embeddings, pad=start=0, eos=1.
+#
+#   checkpoint                    d_model layers heads ffn   positions  params  generation
+#   google/pegasus-xsum           1024    16+16  16    4096  512        568M    beam 8, lp 0.6, max 64
+#   google/pegasus-cnn_dailymail  1024    16+16  16    4096  1024       568M    beam 8, lp 0.8, 32..128
+#   google/pegasus-large          1024    16+16  16    4096  1024       568M    beam 8, lp 0.8, max 256
+#   google/pegasus-x-base         768     12+12  12    3072  16384      272M    beam 8, lp 0.8 (pegasus_x.py)
+#   google/pegasus-x-large        1024    16+16  16    4096  16384      568M    beam 8, lp 0.8 (pegasus_x.py)
+PUBLISHED = {
+    "google/pegasus-xsum": PegasusConfig(max_position_embeddings=512),
+    "google/pegasus-cnn_dailymail": PegasusConfig(),
+    "google/pegasus-large": PegasusConfig(),
+}
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
+               "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+def sinusoids(n_positions: int, dim: int) -> torch.Tensor:
+    """The fixed PEGASUS position table, (n_positions, dim).
+
+    Frequencies are the Transformer paper's, 1 / 10000^(2i/dim), but the layout follows the
+    original PEGASUS/tensor2tensor code: all sines first, then all cosines
+    [sin(p*w_0) .. sin(p*w_{d/2-1}) | cos(p*w_0) .. cos(p*w_{d/2-1})] rather than interleaving
+    sin/cos per pair. The two layouts are permutations of each other, but a trained model only
+    works with the one it was trained on. Computed in float64 and rounded once, as the reference
+    does, so large positions are exact to float32 precision. (PEGASUS-X uses another formula.)
+    """
+    half = dim // 2 + dim % 2  # sines get the extra slot when dim is odd
+    inv_freq = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / dim)  # (half,)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (P, half)
+    return torch.cat([angles.sin(), angles[:, : dim // 2].cos()], dim=-1).float()  # (P, dim)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class KVCache:
+    """A preallocated key/value buffer for decoder self-attention (the gpt-fast design).
+
+    Each decoding step writes its new keys/values at `input_pos` instead of concatenating, so
+    every tensor keeps a fixed shape from step to step and the step can be compiled.
+    Beam search reorders hypotheses by indexing the batch dimension.
+    """
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)  # (B, H, L, Dh)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k)  # write (B, H, T, Dh) at positions input_pos
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+    def reorder(self, idx: torch.Tensor):
+        self.k, self.v = self.k.index_select(0, idx), self.v.index_select(0, idx)
+
+
+class Attention(nn.Module):
+    """Multi-head attention, used for encoder self-attention, decoder self-attention (with a
+    KV cache) and decoder cross-attention (keys/values from the encoder).
+
+    Two code paths compute the same thing: PyTorch's fused scaled_dot_product_attention (the
+    default; FlashAttention/memory-efficient kernels on GPU) and the plain math, which is easier
+    to read and can keep the attention weights for plotting (`keep_weights=True`).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        assert d_model % n_heads == 0, f"d_model {d_model} is not divisible by {n_heads} heads"
+        self.n_heads, self.head_dim, self.dropout = n_heads, d_model // n_heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.use_sdpa = True  # False: plain-math path
+        self.keep_weights = False  # math path only: store softmax weights in self.weights
+        self.weights = None
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def project_kv(self, source: torch.Tensor):
+        """Keys and values of a source sequence, (B, H, S, Dh) each. For cross-attention this runs
+        once per source document; all beams of that document then share the result."""
+        return self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+
+    def forward(self, x, kv=None, mask=None, cache: KVCache | None = None, input_pos=None):
+        """x: (B, T, D) queries. kv: precomputed (k, v) for cross-attention, else self-attention.
+        mask: boolean, True = may attend, broadcastable to (B, H, T, S)."""
+        B, T, D = x.shape
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        if kv is None:
+            k, v = self.project_kv(x)  # (B, H, T, Dh)
+            if cache is not None:
+                k, v = cache.update(input_pos, k, v)  # (B, H, L, Dh): the whole buffer
+        else:
+            k, v = kv
+        # Beam search runs B = n_src * n_beams hypotheses against n_src encoder outputs. Rather
+        # than copying each source's keys/values n_beams times, fold the beams into the query
+        # axis: beams of one source are just more queries against the same keys.
+        group = B // k.size(0)
+        if group > 1:
+            q = q.view(k.size(0), group, self.n_heads, T, self.head_dim).transpose(1, 2)  # (Bs, H, G, T, Dh)
+            q = q.reshape(k.size(0), self.n_heads, group * T, self.head_dim)  # (Bs, H, G*T, Dh)
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa and not self.keep_weights:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B', H, T', Dh)
+        else:
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B', H, T', S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            w = scores.softmax(dim=-1)
+            self.weights = w.detach() if self.keep_weights else None
+            out = F.dropout(w, p, self.training) @ v  # (B', H, T', Dh)
+        if group > 1:
+            out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
+        out = out.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        return self.out_proj(out)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm block: x + Attn(LN(x)), then x + FFN(LN(x)).
+
+    Normalising the *input* of each sub-block (rather than the residual sum, as in the original
+    Transformer) keeps gradients well-behaved in deep stacks; PEGASUS then needs one extra
+    LayerNorm at the very end of each stack (`Stack.layer_norm`)."""
+
+    def __init__(self, cfg: PegasusConfig, d_ffn: int, n_heads: int, bias: bool = True):
+        super().__init__()
+        d = cfg.d_model
+        self.self_attn = Attention(d, n_heads, cfg.attention_dropout, bias=bias)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, d_ffn), nn.Linear(d_ffn, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+        self.act = ACTIVATIONS[cfg.activation_function]
+        self.dropout, self.activation_dropout = cfg.dropout, cfg.activation_dropout
+
+    def residual(self, x, branch):
+        return x + F.dropout(branch, self.dropout, self.training)
+
+    def feed_forward(self, x):
+        h = F.dropout(self.act(self.fc1(self.final_layer_norm(x))), self.activation_dropout, self.training)
+        x = self.residual(x, self.fc2(h))
+        if x.dtype == torch.float16:  # as the reference: keep fp16 activations finite
+            big = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-big, big)
+        return x
+
+    def forward(self, x, mask):
+        x = self.residual(x, self.self_attn(self.self_attn_layer_norm(x), mask=mask))
+        return self.feed_forward(x)
+
+
+class DecoderLayer(EncoderLayer):
+    """Causal self-attention (cached), then cross-attention to the encoder, then the FFN."""
+
+    def __init__(self, cfg: PegasusConfig, d_ffn: int, n_heads: int, bias: bool = True):
+        super().__init__(cfg, d_ffn, n_heads, bias)
+        self.encoder_attn = Attention(cfg.d_model, n_heads, cfg.attention_dropout, bias=bias)
+        self.encoder_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, mask, cross_kv=None, cross_mask=None, cache=None, input_pos=None):
+        x = self.residual(x, self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache,
+                                            input_pos=input_pos))
+        if cross_kv is not None:  # skipped when the decoder runs alone as a language model
+            x = self.residual(x, self.encoder_attn(self.encoder_attn_layer_norm(x), kv=cross_kv, mask=cross_mask))
+        return self.feed_forward(x)
+
+
+class Stack(nn.Module):
+    """A list of layers and the final LayerNorm (named `layers` / `layer_norm` as in checkpoints)."""
+
+    def __init__(self, layers: list[nn.Module], d_model: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.layer_norm = nn.LayerNorm(d_model)
+
+
+class DecoderCache:
+    """What the decoder keeps between steps: cross-attention keys/values, computed once per source
+    document (shared by all its beams), and one self-attention KVCache per layer."""
+
+    def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
+        cfg = model.config
+        layers = model.decoder.layers
+        self.cross_kv = None  # decoder-only use has no source
+        if encoder_out is not None:
+            self.cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in layers]  # (Bs, H, S, Dh) each
+        self.cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (Bs, 1, 1, S)
+        H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
+        ref = model.shared.weight
+        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, ref.dtype, ref.device) for _ in layers]
+        self.max_len = max_len
+
+    def reorder(self, idx: torch.Tensor):
+        """Beam search: hypothesis i continues from hypothesis idx[i]."""
+        for c in self.self_kv:
+            c.reorder(idx)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Pegasus(nn.Module):
+    """The encoder-decoder with its LM head (what the reference calls
+    PegasusForConditionalGeneration). `model(input_ids, attention_mask, decoder_input_ids)`
+    returns logits (B, T, V); `encode` / `decode` are the two halves, used by generate.py."""
+
+    attention_bias = True  # q/k/v/out projections have biases (PEGASUS-X drops them)
+
+    def __init__(self, config: PegasusConfig):
+        super().__init__()
+        cfg = self.config = config
+        if not cfg.tie_word_embeddings:
+            raise ValueError("untied input/output embeddings are not supported (no published PEGASUS uses them)")
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        b = self.attention_bias
+        self.encoder = Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, b)
+                              for _ in range(cfg.encoder_layers)], cfg.d_model)
+        self.decoder = Stack([DecoderLayer(cfg, cfg.decoder_ffn_dim, cfg.decoder_attention_heads, b)
+                              for _ in range(cfg.decoder_layers)], cfg.d_model)
+        # A learned per-token bias on the logits. The original TF code had none; it exists in the
+        # converted checkpoints (inherited from BART's code) and is all zeros in the published
+        # ones, but fine-tuned models may learn it, so it is loaded and applied.
+        self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
+        self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
+        self.init_buffers()
+        self.apply(self._init_weights)
+
+    def init_buffers(self):
+        """Buffers that are computed, not loaded (called again after loading on the meta device)."""
+        self.register_buffer("embed_positions", sinusoids(self.config.max_position_embeddings, self.config.d_model),
+                             persistent=False)  # (P, D)
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.init_std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            # The decoder start token is <pad> (id 0): its embedding starts at zero, so the first
+            # decoder input carries only its position signal.
+            nn.init.zeros_(m.weight[m.padding_idx])
+
+    def positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Position vectors for the integer positions `pos`, (T,) -> (T, D)."""
+        return self.embed_positions[pos]
+
+    def check_length(self, n: int, what: str):
+        if n > self.config.max_position_embeddings:
+            raise ValueError(f"{what} of {n} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; truncate it")
+
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.shared.weight.dtype)  # (B, T, D)
+        return F.dropout(x, self.config.dropout, self.training)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, S) -> encoder states (B, S, D). Padding keys are masked out."""
+        self.check_length(input_ids.size(1), "input")
+        x = self.embed(input_ids, torch.arange(input_ids.size(1), device=input_ids.device))
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+        return self.encoder.layer_norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # Tied output projection: the same matrix maps ids to vectors and vectors to scores.
+        return F.linear(h, self.shared.weight) + self.final_logits_bias.to(h.dtype)  # (B, T, V)
+
+    def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
+               input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:
+        """Decoder ids (B, T) -> logits (B, T, V).
+
+        Without a cache the whole prefix is processed with a causal mask (training, scoring).
+        With a cache, `decoder_input_ids` are the new tokens at positions `input_pos` (T,) and
+        cross-attention keys/values come from the cache. With neither `encoder_out` nor a cache
+        the decoder runs alone as a language model (the reference's PegasusForCausalLM)."""
+        B, T = decoder_input_ids.shape
+        dev = decoder_input_ids.device
+        if cache is None:
+            self.check_length(T, "decoder input")
+            input_pos = torch.arange(T, device=dev)
+            mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T) causal
+            if decoder_attention_mask is not None:
+                mask = mask & decoder_attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+            cross_kv = None
+            if encoder_out is not None:
+                cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]
+            cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+        else:
+            # Query t may see cache slots 0..input_pos[t]; later slots are stale or empty.
+            slots = torch.arange(cache.max_len, device=dev)
+            mask = slots[None, :] <= input_pos[:, None]  # (T, L)
+            cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
+        x = self.embed(decoder_input_ids, input_pos)
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                      None if cache is None else cache.self_kv[i], input_pos)
+        return self.logits(self.decoder.layer_norm(x))
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
+        """Full teacher-forced pass: logits (B, T, V). Without decoder ids, scores the first
+        summary token (the decoder sees only the start token)."""
+        if decoder_input_ids is None:
+            decoder_input_ids = input_ids.new_full((input_ids.size(0), 1), self.config.decoder_start_token_id)
+        enc = self.encode(input_ids, attention_mask)
+        return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask=decoder_attention_mask)
+
+    def new_cache(self, encoder_out, attention_mask, n_hyps: int, max_len: int) -> DecoderCache:
+        self.check_length(max_len, "decoder cache")
+        return DecoderCache(self, encoder_out, attention_mask, n_hyps, max_len)
+
+    def loss(self, input_ids, attention_mask, labels, label_smoothing: float = 0.0):
+        """Fine-tuning loss: cross-entropy of `labels` (B, T) (-100 = ignore) under teacher forcing."""
+        logits = self(input_ids, attention_mask, shift_right(labels, self.config))
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                               label_smoothing=label_smoothing)
+
+
+def shift_right(labels: torch.Tensor, cfg: PegasusConfig) -> torch.Tensor:
+    """Teacher forcing inputs: [start, y_0, ..., y_{T-2}], with ignored (-100) labels as <pad>."""
+    start = labels.new_full((labels.size(0), 1), cfg.decoder_start_token_id)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)  # (B, T)
+    return shifted.masked_fill(shifted == -100, cfg.pad_token_id)
