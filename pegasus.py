@@ -82,12 +82,14 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
 def sinusoids(n_positions: int, dim: int) -> torch.Tensor:
     """The fixed PEGASUS position table, (n_positions, dim).
 
-    Frequencies are the Transformer paper's, 1 / 10000^(2i/dim), but the layout follows the
-    original PEGASUS/tensor2tensor code: all sines first, then all cosines
+    The layout follows the original PEGASUS/tensor2tensor code: all sines first, then all cosines
     [sin(p*w_0) .. sin(p*w_{d/2-1}) | cos(p*w_0) .. cos(p*w_{d/2-1})] rather than interleaving
-    sin/cos per pair. The two layouts are permutations of each other, but a trained model only
-    works with the one it was trained on. Computed in float64 and rounded once, as the reference
-    does, so large positions are exact to float32 precision. (PEGASUS-X uses another formula.)
+    sin/cos per pair as the Transformer paper does. The frequencies are the Transformer paper's,
+    w_i = 1 / 10000^(2i/dim), as in the reference library and in the position tables stored in
+    its converted checkpoints (load_weights.py checks them against this function). Note the
+    original TF code (pegasus/layers/timing.py) used w_i = 1 / 10000^(i/(dim/2 - 1)), the formula
+    PEGASUS-X kept; the published checkpoints are evaluated with this one, so we match it.
+    Computed in float64 and rounded once, as the reference does (exact at large positions).
     """
     half = dim // 2 + dim % 2  # sines get the extra slot when dim is odd
     inv_freq = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / dim)  # (half,)
