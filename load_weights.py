@@ -166,7 +166,9 @@ def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     arch = {"pegasus": "PegasusForConditionalGeneration", "pegasus_x": "PegasusXForConditionalGeneration"}
     cfg.update(architectures=[arch[cfg["model_type"]]], is_encoder_decoder=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2))
+    # The special ids too: transformers' generate() reads them from this file, not from config.json.
+    special = {k: cfg[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")}
+    (out / "generation_config.json").write_text(json.dumps({**special, **model.generation_config}, indent=2))
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors["final_logits_bias"] = tensors.pop("model.final_logits_bias", None)
     if tensors["final_logits_bias"] is None:

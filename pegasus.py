@@ -174,8 +174,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B', H, T', Dh)
         else:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B', H, T', S)
-            if mask is not None:
+            if mask is not None and mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
+            elif mask is not None:  # additive (see Pegasus.decode)
+                scores = scores + mask
             w = scores.softmax(dim=-1)
             self.weights = w.detach() if self.keep_weights else None
             out = F.dropout(w, p, self.training) @ v  # (B', H, T', Dh)
@@ -255,7 +257,9 @@ class DecoderCache:
         layers = model.decoder.layers
         self.cross_kv = None  # decoder-only use has no source
         if encoder_out is not None:
-            self.cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in layers]  # (Bs, H, S, Dh) each
+            # (Bs, H, S, Dh) each, made contiguous once: every decoding step reads all of them
+            self.cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoder_out))
+                             for layer in layers]
         self.cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (Bs, 1, 1, S)
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
         ref = model.shared.weight
@@ -285,10 +289,8 @@ class Pegasus(nn.Module):
             raise ValueError("untied input/output embeddings are not supported (no published PEGASUS uses them)")
         self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
-        b = self.attention_bias
-        self.encoder = Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, b)
-                              for _ in range(cfg.encoder_layers)], cfg.d_model)
-        self.decoder = Stack([DecoderLayer(cfg, cfg.decoder_ffn_dim, cfg.decoder_attention_heads, b)
+        self.encoder = self.build_encoder(cfg)
+        self.decoder = Stack([DecoderLayer(cfg, cfg.decoder_ffn_dim, cfg.decoder_attention_heads, self.attention_bias)
                               for _ in range(cfg.decoder_layers)], cfg.d_model)
         # A learned per-token bias on the logits. The original TF code had none; it exists in the
         # converted checkpoints (inherited from BART's code) and is all zeros in the published
@@ -297,6 +299,10 @@ class Pegasus(nn.Module):
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.init_buffers()
         self.apply(self._init_weights)
+
+    def build_encoder(self, cfg: PegasusConfig) -> Stack:  # PEGASUS-X builds its own
+        return Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, self.attention_bias)
+                      for _ in range(cfg.encoder_layers)], cfg.d_model)
 
     def init_buffers(self):
         """Buffers that are computed, not loaded (called again after loading on the meta device)."""
@@ -355,6 +361,10 @@ class Pegasus(nn.Module):
             mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T) causal
             if decoder_attention_mask is not None:
                 mask = mask & decoder_attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+                # As the reference, an additive mask of the most negative float: a query with no visible
+                # key (a padded first position) then attends uniformly instead of giving 0 or NaN.
+                big = torch.finfo(self.shared.weight.dtype).min
+                mask = torch.zeros(mask.shape, dtype=self.shared.weight.dtype, device=dev).masked_fill(~mask, big)
             cross_kv = None
             if encoder_out is not None:
                 cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]

@@ -1,0 +1,201 @@
+"""Decoding speed: this project's generate() against transformers' generate() (and CTranslate2 if
+it is installed), on randomly initialised models of a published shape and one real news article.
+"ours" is generate() as the tests check it; "ours+onednn" adds generate.use_onednn (the matmuls
+through oneDNN with pre-converted weights).
+
+    python bench.py                               # google/pegasus-xsum shape, all cases
+    python bench.py --cases beam8_b1 --threads 2
+
+Every implementation runs each case in a fresh process, so that its peak resident memory
+(ru_maxrss) is its own, on the same weights (written once to a temporary checkpoint), the same
+input and the same settings. The output length is forced (min = max = 64 new tokens): random
+weights decode a repeated token, which is fine for timing. Output ids must equal the reference's.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
+NEW_TOKENS = 64
+
+# About 510 PEGASUS tokens of invented, news-like English (written for this benchmark).
+ARTICLE = """The city of Harrowgate will close its oldest bridge to cars next spring after engineers found that \
+the steel supports beneath the roadway had corroded far more quickly than expected, council officials said on \
+Tuesday. The Marlow Street Bridge, which opened in 1931 and carries about 18,000 vehicles a day across the River \
+Esk, will remain open to pedestrians and cyclists while a replacement is designed and built, a process that could \
+take up to four years. "We did not take this decision lightly," said Deputy Mayor Alison Crane, who chairs the \
+council's transport committee. "The inspection results left us with no responsible alternative. Public safety has \
+to come first, even when the consequences for traffic are painful." The inspection, carried out over six weeks in \
+the autumn by an independent firm, used ultrasound to measure the thickness of the bridge's main girders. In \
+several places the metal had lost more than a third of its original depth, largely because road salt spread during \
+winter had seeped through cracks in the deck above. Local businesses on both sides of the river reacted with \
+dismay. Priya Raman, who runs a bakery on Marlow Street, said that about half of her morning customers drove across \
+the bridge on their way to work. "If they have to go around by the ring road, they will simply stop coming," she \
+said. "Nobody is going to add twenty minutes to their commute for a croissant." The council has promised a package \
+of measures to limit the disruption, including extra bus services, longer green phases at traffic lights on the \
+two alternative crossings and a temporary ferry for commuters during the morning and evening peaks. It will also \
+set aside a fund of 1.2 million pounds to support shops that can show a significant drop in trade. Transport \
+campaigners welcomed the emphasis on buses and cycling but warned that the detours would push more traffic onto \
+residential streets. "The ring road is already at capacity at rush hour," said Tom Ellery of the Harrowgate Streets \
+Alliance. "Without firm limits on through traffic in the side streets, we will see rat-running outside schools." \
+Engineers have not yet decided whether the new bridge will follow the line of the old one or be built a short \
+distance downstream, which would allow the existing structure to stay open to walkers during construction. A \
+public consultation on the options will open in March, and residents will be invited to a series of meetings at \
+the town hall. Officials said the total cost of the replacement was likely to exceed 40 million pounds, and \
+that they would apply to the national government for help with the bill."""
+
+
+def documents(tokenizer, batch: int) -> list[list[int]]:
+    """The article, then shorter cuts of it (so a batch has padding)."""
+    fallback = lambda: torch.randint(200, 20000, (505,), generator=torch.Generator().manual_seed(0)).tolist() + [1]
+    ids = tokenizer.encode(ARTICLE) if tokenizer is not None else fallback()
+    return [ids[: len(ids) - 64 * i - 1] + [1] for i in range(batch)]
+
+
+def penalty(ckpt: Path) -> float:
+    return json.loads((ckpt / "generation_config.json").read_text()).get("length_penalty", 1.0)
+
+
+def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
+    """Runs in its own process: load, warm up on a short input, then time one generate()."""
+    torch.set_num_threads(threads)
+    num_beams, batch = CASES[case]
+    from tokenizer import PegasusTokenizer
+    tok = PegasusTokenizer.from_pretrained(ckpt) if (ckpt / "spiece.model").exists() else None
+    rows = documents(tok, batch)
+    if impl == "ctranslate2":
+        return ctranslate2_worker(ckpt, rows, num_beams)
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (B, S) right-padded
+    mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
+    if impl.startswith("ours"):
+        from generate import generate, use_onednn
+        from load_weights import load_model
+        model, _ = load_model(ckpt, with_tokenizer=False)
+        if impl == "ours+onednn":
+            use_onednn(model)
+        run = lambda i, m, **kw: generate(model, i, m, **kw)
+    else:
+        import transformers
+        model = transformers.PegasusForConditionalGeneration.from_pretrained(ckpt).eval()
+        run = lambda i, m, **kw: model.generate(i, attention_mask=m, **kw)
+    with torch.inference_mode():
+        run(ids[:, :16], mask[:, :16], num_beams=num_beams, max_new_tokens=2)  # warm-up: lazy initialisation
+        start = time.perf_counter()
+        out = run(ids, mask, num_beams=num_beams, length_penalty=penalty(ckpt), min_new_tokens=NEW_TOKENS,
+                  max_new_tokens=NEW_TOKENS)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "ids": out.tolist(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int) -> dict:
+    """CTranslate2 has no forced EOS: it decodes NEW_TOKENS - 1 tokens, and the EOS that the others
+    are forced to write last is added for the comparison."""
+    import ctranslate2
+    out = ckpt.with_name(ckpt.name + "-ctranslate2")
+    if not out.exists():  # its converter reads config keys that transformers 5 no longer writes
+        src = ckpt.with_name(ckpt.name + "-ct2-source")
+        src.mkdir()
+        for f in ckpt.iterdir():
+            (src / f.name).symlink_to(f)
+        config = json.loads((ckpt / "config.json").read_text()) | {
+            "normalize_before": True, "add_final_layer_norm": True, "normalize_embedding": False,
+            "static_position_embeddings": True}
+        (src / "config.json").unlink()
+        (src / "config.json").write_text(json.dumps(config))
+        ctranslate2.converters.TransformersConverter(str(src)).convert(str(out))
+    vocab = json.loads((out / "shared_vocabulary.json").read_text())
+    index = {token: i for i, token in enumerate(vocab)}
+    translator = ctranslate2.Translator(str(out), device="cpu", intra_threads=torch.get_num_threads())
+    tokens = [[vocab[i] for i in row] for row in rows]
+    translator.translate_batch([t[:16] for t in tokens], beam_size=num_beams, max_decoding_length=2)  # warm-up
+    start = time.perf_counter()
+    results = translator.translate_batch(tokens, beam_size=num_beams, length_penalty=penalty(ckpt),
+                                         max_decoding_length=NEW_TOKENS - 1, min_decoding_length=NEW_TOKENS - 1)
+    seconds = time.perf_counter() - start
+    ids = [[0] + [index[t] for t in r.hypotheses[0]] + [1] for r in results]
+    return {"seconds": seconds, "ids": ids, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="google/pegasus-xsum", help="published shape to build (random weights)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
+    p.add_argument("--checkpoint", help="reuse a checkpoint directory instead of building one (random weights)")
+    p.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "CASE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        impl, ckpt, case = args.worker
+        print(json.dumps(worker(impl, Path(ckpt), case, args.threads)))
+        return
+    cases = args.cases.split(",")
+    if unknown := set(cases) - set(CASES):
+        p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
+    impls = ["transformers", "ours", "ours+onednn"]
+    try:
+        import ctranslate2  # noqa: F401
+        impls.append("ctranslate2")
+    except ImportError:
+        print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
+        print(f"{args.model} shape, random weights, {args.threads} threads, {NEW_TOKENS} new tokens forced, fp32")
+        print(f"{'case':<10} {'implementation':<15} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} {'vs ref':>7}  ids")
+        for case in cases:
+            ref = None
+            for impl in impls:
+                cmd = [sys.executable, str(ROOT / "bench.py"), "--threads", str(args.threads),
+                       "--worker", impl, str(ckpt), case]
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if r.returncode != 0:
+                    print(f"{case:<10} {impl:<15} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                    continue
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                ref = res if impl == "transformers" else ref
+                n_tokens = sum(len(row) - 1 for row in res["ids"])  # generated, over the batch
+                ratio = f"{res['seconds'] / ref['seconds']:6.2f}x" if ref else "   n/a"
+                same = "n/a" if ref is None else "same" if res["ids"] == ref["ids"] else "DIFFERENT"
+                print(f"{case:<10} {impl:<15} {res['seconds']:8.2f} {n_tokens / res['seconds']:9.1f} "
+                      f"{res['peak_rss'] / 2**20:7.2f} G {ratio}  {same}")
+
+
+def build_checkpoint(name: str, out: Path) -> Path:
+    """Random weights at a published shape, saved in the Hugging Face layout with the real vocabulary."""
+    from load_weights import save_model
+    from pegasus import PUBLISHED, Pegasus, PegasusConfig
+    from tokenizer import PegasusTokenizer
+    published = SHARED / "configs" / "published.json"
+    if published.exists():
+        raw = json.loads(published.read_text())[name]
+        if raw["model_type"] != "pegasus":
+            raise SystemExit(f"error: {name} is a {raw['model_type']} model; bench.py times PEGASUS shapes only")
+        config, generation = PegasusConfig.from_dict(raw), raw.get("generation", {})
+    else:
+        print(f"note: {published} not found; using pegasus.PUBLISHED")
+        config, generation = PUBLISHED[name], {}
+    torch.manual_seed(0)
+    model = Pegasus(config)
+    # The published generation_config.json files also name the special tokens; the reference needs them.
+    model.generation_config = generation | {k: getattr(config, k) for k in (
+        "decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")}
+    spiece = SHARED / "pegasus" / "spiece.model"
+    tok = PegasusTokenizer.from_spiece(spiece) if spiece.exists() else None
+    if tok is None:
+        print(f"note: {spiece} not found; timing random token ids instead of the article")
+    save_model(model, out, tok)
+    return out
+
+
+if __name__ == "__main__":
+    main()

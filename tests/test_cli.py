@@ -1,0 +1,132 @@
+"""The summarization CLI (`python generate.py ...`) and summarize(), on a tiny saved checkpoint.
+
+The checkpoint has the real PEGASUS vocabulary (../shared/pegasus/spiece.model) and a 16-wide
+random model whose logit bias makes it write "Summary" until the length limit forces EOS, so the
+expected output is known without running the model. Decoding itself is tested in test_generate.py.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+from load_weights import save_model
+from pegasus import Pegasus, PegasusConfig
+from tokenizer import PegasusTokenizer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
+EXPECTED = "Summary Summary Summary Summary"  # max_length 6 = start + 4 tokens + forced EOS
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spiece_model):
+    return PegasusTokenizer.from_spiece(spiece_model)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = Pegasus(PegasusConfig(vocab_size=96103, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=64))
+    with torch.no_grad():
+        model.final_logits_bias[0, tokenizer.encode("Summary")[0]] = 20.0
+    model.generation_config = {"num_beams": 2, "max_length": 6, "length_penalty": 0.6}
+    path = tmp_path_factory.mktemp("tiny")
+    save_model(model, path, tokenizer)
+    return path
+
+
+def cli(*args, stdin: str | None = "", env: dict | None = None):
+    """Run generate.py; returns (exit status, stdout, stderr)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    r = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], input=stdin, capture_output=True, text=True,
+                       env=env, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_help():
+    code, out, _ = cli("--help")
+    assert code == 0
+    for option in ("--model", "--file", "--output", "--num-beams", "--max-new-tokens", "--length-penalty", "--dtype",
+                   "--device", "--batch-size", "--verbose", "examples:"):
+        assert option in out
+
+
+def test_text_argument_and_verbose(checkpoint):
+    code, out, err = cli("--model", checkpoint, "--verbose", "The council voted on Tuesday to close the old bridge.")
+    assert (code, out) == (0, EXPECTED + "\n")
+    assert "loaded" in err and "tokens/s" in err and "peak memory" in err
+
+
+def test_stdin(checkpoint):
+    code, out, _ = cli("--model", checkpoint, "--num-beams", "1", stdin="A document arriving on standard input.\n")
+    assert (code, out) == (0, EXPECTED + "\n")
+
+
+def test_max_new_tokens_option(checkpoint):
+    code, out, _ = cli("--model", checkpoint, "--max-new-tokens", "3", "Some text.")
+    assert (code, out) == (0, "Summary Summary\n")  # 2 tokens, then the forced EOS
+
+
+def test_text_file_one_document_per_line(checkpoint, tmp_path):
+    src = tmp_path / "docs.txt"
+    src.write_text("First document.\n\nSecond document, longer than the first one.\nThird.\n")
+    code, out, _ = cli("--model", checkpoint, "--file", src)
+    assert (code, out) == (0, (EXPECTED + "\n") * 3)  # the blank line is not a document
+    code, out, _ = cli("--model", checkpoint, "--file", src, "--output", tmp_path / "out.txt")
+    assert (code, out) == (0, "")
+    assert (tmp_path / "out.txt").read_text() == (EXPECTED + "\n") * 3
+
+
+def test_jsonl_file_with_progress_bar(checkpoint, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    records = [{"id": i, "text": f"Document number {i} says something."} for i in range(3)]
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = cli("--model", checkpoint, "--file", src, "--output", tmp_path / "out.jsonl", "--batch-size", "1")
+    assert code == 0 and "3/3" in err  # tqdm: three batches of one
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written == [r | {"summary": EXPECTED} for r in records]
+
+
+def test_long_input_is_truncated_with_a_note(checkpoint):
+    code, out, err = cli("--model", checkpoint, " ".join(["word"] * 200))
+    assert (code, out) == (0, EXPECTED + "\n")
+    assert "truncated to the model's 64" in err
+
+
+@pytest.mark.parametrize("args, stdin, status, message", [
+    (["--model", "nobody/no-such-pegasus", "Some text."], "", 1, "could not download"),
+    (["--model", "{ckpt}", ""], "", 2, "the input text is empty"),
+    (["--model", "{ckpt}"], "  \n", 2, "the input text is empty"),
+    (["--model", "{ckpt}", "--file", "{tmp}/missing.txt"], "", 2, "cannot read"),
+    (["--model", "{ckpt}", "--file", "{tmp}/bad.jsonl"], "", 2, "line 2 has no 'text' field"),
+    (["--model", "{ckpt}", "--dtype", "float16", "Some text."], "", 2, "float16 is not supported on CPU"),
+    (["--model", "{ckpt}", "--file", "{tmp}/bad.jsonl", "Some text."], "", 2, "not both"),
+])
+def test_errors_are_one_line(checkpoint, tmp_path, args, stdin, status, message):
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    args = [a.format(ckpt=checkpoint, tmp=tmp_path) for a in args]
+    code, out, err = cli(*args, stdin=stdin)
+    assert code == status and out == ""
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_summarize_keeps_order_and_truncates(monkeypatch, tokenizer, checkpoint):
+    """summarize() sorts texts by length into batches: with decoding replaced by an echo of the
+    input, every summary must come back to its own text, long ones cut to the model's positions."""
+    model, tok = generate.load(checkpoint)
+    echo = lambda net, ids, mask, **kw: torch.cat([torch.zeros_like(ids[:, :1]), ids], 1)  # start + input
+    monkeypatch.setattr(generate, "generate", echo)
+    texts = ["a much longer third text than the others, with more words", "short", "a medium text", "x " * 100]
+    out = generate.summarize(texts, (model, tok), batch_size=2)
+    assert out[:3] == texts[:3]
+    assert out[3] == tok.decode(tok.encode(texts[3])[:63])
+    assert generate.load(checkpoint)[0] is model  # loaded once per process
+    with pytest.raises(ValueError, match="empty"):
+        generate.summarize(["fine", " "], (model, tok))

@@ -1,0 +1,217 @@
+"""generate.py against transformers' generate(): identical token ids, rule by rule.
+
+The models are trained for a few hundred steps on the toy task in toy.py (seconds), so that they
+have real preferences: beam search disagrees with greedy decoding, outputs have different lengths,
+and every rule (length penalty, early stopping, minimum length, n-gram blocking) changes something.
+Each test checks that the rule is not a no-op on these inputs as well as checking parity.
+"""
+
+import copy
+
+import pytest
+import torch
+from toy import from_reference, pad_batch, to_reference, toy_sources, train_toy
+
+from generate import OneDNNLinear, generate, use_onednn
+from pegasus import Pegasus, PegasusConfig
+
+TOY = PegasusConfig(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                    dropout=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small matrices gain nothing from a second thread, and on a busy machine threads waiting for
+    each other make these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    model = train_toy(Pegasus(TOY), steps=400, seed=0)
+    return model, to_reference(model)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """16 sources of 2..6 tokens, right-padded (so 5 different lengths), the last three with repeated
+    n-grams that n-gram blocking must break."""
+    sources = toy_sources(13, TOY.vocab_size, torch.Generator().manual_seed(1234))
+    sources += [[8, 9, 8, 9, 8], [12, 12, 12], [10, 11, 10, 11, 13]]
+    return pad_batch(sources, TOY.pad_token_id, TOY.eos_token_id)
+
+
+def reference(ref, ids, mask, **kw):
+    with torch.no_grad():
+        return ref.generate(ids, attention_mask=mask, **kw)
+
+
+def texts(out: torch.Tensor) -> list[tuple]:
+    """Generated tokens of each row up to and including the first EOS (padding ignored)."""
+    rows = []
+    for row in out[:, 1:].tolist():
+        rows.append(tuple(row[: row.index(1) + 1] if 1 in row else row))
+    return rows
+
+
+def n_differ(a: torch.Tensor, b: torch.Tensor) -> int:
+    return sum(x != y for x, y in zip(texts(a), texts(b)))
+
+
+CASES = {
+    "greedy": dict(num_beams=1),
+    "beam8_lp0.6": dict(num_beams=8, length_penalty=0.6),
+    "beam2_early_stop_true": dict(num_beams=2, length_penalty=1.0, early_stopping=True),
+    "beam2_early_stop_false": dict(num_beams=2, length_penalty=1.0, early_stopping=False),
+    "beam2_early_stop_never": dict(num_beams=2, length_penalty=2.0, early_stopping="never"),
+    "beam3_negative_lp": dict(num_beams=3, length_penalty=-1.0),
+    "beam4_min_new_tokens": dict(num_beams=4, min_new_tokens=8, max_new_tokens=10),
+    "greedy_min_new_tokens": dict(num_beams=1, min_new_tokens=8),
+    "beam4_max_new_tokens_forces_eos": dict(num_beams=4, max_new_tokens=3),
+    "greedy_no_repeat_1gram": dict(num_beams=1, no_repeat_ngram_size=1),
+    "beam4_no_repeat_2gram": dict(num_beams=4, no_repeat_ngram_size=2),
+    "beam4_return_3": dict(num_beams=4, num_return_sequences=3, length_penalty=0.8),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_ids_as_reference(toy, batch, case):
+    model, ref = toy
+    kw = {"max_new_tokens": 14} | CASES[case]
+    expected = reference(ref, *batch, **kw)
+    cached = generate(model, *batch, **kw)
+    assert cached.shape == expected.shape and torch.equal(cached, expected), case
+    uncached = generate(model, *batch, use_cache=False, **kw)  # re-runs the whole prefix every step
+    assert torch.equal(uncached, cached), case
+
+
+def test_unpadded_input_matches_reference(toy, batch):
+    """Without padding the mask is dropped (a faster attention kernel), as the reference does too."""
+    model, ref = toy
+    ids = batch[0][:1, : int(batch[1][0].sum())]  # (1, S), no padding
+    for kw in (dict(num_beams=1), dict(num_beams=8, length_penalty=0.6)):
+        expected = reference(ref, ids, torch.ones_like(ids), max_new_tokens=14, **kw)
+        assert torch.equal(generate(model, ids, torch.ones_like(ids), max_new_tokens=14, **kw), expected)
+        assert torch.equal(generate(model, ids, max_new_tokens=14, **kw), expected)
+
+
+def test_toy_model_is_not_degenerate(toy, batch):
+    model, _ = toy
+    greedy = generate(model, *batch, max_new_tokens=14, num_beams=1)
+    beam = generate(model, *batch, max_new_tokens=14, num_beams=8, length_penalty=0.6)
+    assert len(set(greedy[:, 1:].flatten().tolist())) > 5  # many different tokens
+    assert len({len(t) for t in texts(greedy)}) > 2  # and different lengths
+    assert all(t[-1] == 1 for t in texts(beam))  # every text ends with EOS before the limit
+    assert n_differ(greedy, beam) >= 3  # beam search finds what greedy misses
+
+
+def test_rules_change_the_output(toy, batch):
+    """The parity cases above are only meaningful if each rule matters on these inputs."""
+    model, _ = toy
+    run = lambda **kw: generate(model, *batch, **({"max_new_tokens": 14} | kw))
+    greedy, beam2 = run(num_beams=1), run(num_beams=2, length_penalty=1.0)
+    assert n_differ(beam2, run(num_beams=2, length_penalty=3.0)) > 0
+    for stop in (True, "never"):  # each changes some text under some of these settings
+        assert sum(n_differ(run(num_beams=k, length_penalty=lp), run(num_beams=k, length_penalty=lp,
+                                                                     early_stopping=stop))
+                   for k in (2, 3) for lp in (1.0, 2.0, 3.0)) > 0, stop
+    assert n_differ(greedy, run(num_beams=1, no_repeat_ngram_size=1)) > 0
+    assert n_differ(run(num_beams=4), run(num_beams=4, no_repeat_ngram_size=2)) > 0
+    at_least_8 = run(num_beams=4, min_new_tokens=8, max_new_tokens=10)
+    assert all(len(t) >= 9 for t in texts(at_least_8))  # 8 tokens, then EOS at the earliest
+    short = run(num_beams=4, max_new_tokens=3)
+    assert short.shape[1] <= 4 and all(t[-1] == 1 for t in texts(short))  # EOS forced at the limit
+
+
+def test_checkpoint_settings_are_the_defaults(toy, batch):
+    """model.generation_config fills what the call leaves out; max_length/min_length count the start
+    token, as in the reference."""
+    model, ref = toy
+    settings = {"num_beams": 4, "length_penalty": 0.8, "max_length": 9, "min_length": 5, "no_repeat_ngram_size": 2}
+    model.generation_config = dict(settings)
+    try:
+        ours = generate(model, *batch)
+        overridden = generate(model, *batch, num_beams=1, max_new_tokens=6)
+    finally:
+        model.generation_config = {}
+    assert torch.equal(ours, reference(ref, *batch, **settings))
+    assert torch.equal(overridden, reference(ref, *batch, **(settings | {"num_beams": 1, "max_length": 7})))
+
+
+def test_sampling_is_reproducible_and_matches_reference(toy, batch):
+    model, ref = toy
+    kw = dict(do_sample=True, temperature=0.8, top_k=8, top_p=0.9, max_new_tokens=14, num_return_sequences=2)
+    a, b = generate(model, *batch, seed=3, **kw), generate(model, *batch, seed=3, **kw)
+    assert torch.equal(a, b) and a.shape[0] == 2 * batch[0].shape[0]
+    assert n_differ(a, generate(model, *batch, seed=4, **kw)) > 0
+    torch.manual_seed(3)  # the reference draws from the global generator; same seed, same draws
+    assert torch.equal(a, reference(ref, *batch, **kw))
+
+
+@pytest.mark.parametrize("length_norm", ["reference", "gnmt"])
+def test_beams_are_ranked_by_normalised_score(toy, batch, length_norm):
+    """Rescore the returned beams by teacher forcing: best first under the chosen normalisation."""
+    model, _ = toy
+    alpha, R = 1.5, 4
+    out = generate(model, *batch, max_new_tokens=14, num_beams=4, num_return_sequences=R, length_penalty=alpha,
+                   length_norm=length_norm)
+    ids, mask = (x.repeat_interleave(R, 0) for x in batch)
+    with torch.no_grad():
+        logp = model(ids, mask, out[:, :-1]).log_softmax(-1).gather(-1, out[:, 1:, None])[..., 0]  # (B*R, T)
+    for i, text in enumerate(texts(out)):
+        norm = len(text) ** alpha if length_norm == "reference" else ((5 + len(text)) / 6) ** alpha
+        logp[i, 0] = logp[i, : len(text)].sum() / norm
+    scores = logp[:, 0].view(-1, R)  # (B, R)
+    assert (scores[:, :-1] >= scores[:, 1:] - 1e-4).all()
+    if length_norm == "gnmt":
+        ref_norm = generate(model, *batch, max_new_tokens=14, num_beams=4, num_return_sequences=R, length_penalty=alpha)
+        assert n_differ(out, ref_norm) > 0
+
+
+def test_bad_arguments_are_named(toy, batch):
+    model, _ = toy
+    for kw, words in [(dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+                      (dict(num_beams=1, num_return_sequences=2), "num_return_sequences"),
+                      (dict(num_beams=2, do_sample=True), "num_beams=1"),
+                      (dict(max_new_tokens=0), "max_new_tokens"),
+                      (dict(max_new_tokens=65), "max_new_tokens"),
+                      (dict(early_stopping="sometimes"), "early_stopping")]:
+        with pytest.raises(ValueError, match=words):
+            generate(model, *batch, **({"max_new_tokens": 5} | kw))
+    with pytest.raises(ValueError, match="LongTensor"):
+        generate(model, batch[0].float(), max_new_tokens=5)
+
+
+def test_published_xsum_shape(published_configs):
+    """Full google/pegasus-xsum shape, random weights, its own decoding settings (beam 8, length
+    penalty 0.6, forced EOS), a padded batch of three lengths, a few tokens."""
+    import transformers
+
+    fields = {k: v for k, v in published_configs["google/pegasus-xsum"].items() if k != "generation"}
+    torch.manual_seed(0)
+    ref = transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(**fields)).eval()
+    model = from_reference(ref)  # shares the weights
+    model.generation_config = dict(published_configs["google/pegasus-xsum"]["generation"])
+    g = torch.Generator().manual_seed(0)
+    ids, mask = pad_batch([torch.randint(200, 20000, (n,), generator=g).tolist() for n in (5, 17, 11)], 0, 1)
+    ours = generate(model, ids, mask, max_new_tokens=6)
+    assert ours.shape[0] == 3 and ours.shape[1] > 1
+    assert torch.equal(ours, reference(ref, ids, mask, num_beams=8, length_penalty=0.6, max_new_tokens=6))
+
+
+def test_onednn_matmuls_give_the_same_tokens(toy, batch):
+    model, _ = toy
+    fast = use_onednn(copy.deepcopy(model))
+    if not isinstance(fast.decoder.layers[0].fc1, OneDNNLinear):
+        pytest.skip("oneDNN is not available in this PyTorch build")
+    dec = batch[0][:, :5]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*batch, dec), model(*batch, dec), rtol=0, atol=1e-5)
+    for kw in (dict(num_beams=1), dict(num_beams=8, length_penalty=0.6), dict(num_beams=4, num_return_sequences=4)):
+        assert torch.equal(generate(fast, *batch, max_new_tokens=14, **kw), generate(model, *batch, max_new_tokens=14,
+                                                                                     **kw))

@@ -1,0 +1,130 @@
+"""Small models trained in seconds on a toy task, and their twins in the reference library.
+
+Decoding tests need models with *opinions*: random weights put almost all probability on one
+token, so greedy, beam search and every length rule would agree trivially. `train_toy` fits any
+model with a `loss(input_ids, attention_mask, labels)` method and a config with vocab_size /
+pad_token_id / eos_token_id (PEGASUS and PEGASUS-X alike) on this task:
+
+    source: 2..6 random content tokens, e.g.  7 12 5 9
+    target: with probability 0.45 a copy             7 12 5 9 </s>
+            with probability 0.55 MARK, one of 4
+            "variant" tokens, then the reverse        MARK v 9 5 12 7 </s>
+
+The MARK branch is more likely as a whole, but it splits into four equally likely variants, so
+greedy decoding (MARK first, then a 0.14 variant) loses to beam search, which finds the 0.45 copy.
+Outputs have varied lengths, so the EOS, length-penalty and padding rules all get exercised.
+"""
+
+from dataclasses import asdict
+
+import torch
+
+MARK = 2  # first content-free token of the target's second branch
+N_VARIANTS = 4  # tokens 3..6 follow MARK
+FIRST_CONTENT = 3 + N_VARIANTS  # source tokens are drawn from FIRST_CONTENT..vocab_size-1
+
+
+def toy_sources(n: int, vocab_size: int, generator: torch.Generator, min_len: int = 2, max_len: int = 6):
+    """n random sources as lists of ids (no EOS)."""
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator).tolist()
+    return [torch.randint(FIRST_CONTENT, vocab_size, (k,), generator=generator).tolist() for k in lengths]
+
+
+def pad_batch(rows: list[list[int]], pad: int, eos: int | None = None):
+    """Right-pad lists of ids (appending eos first when given) -> (ids, attention_mask) LongTensors."""
+    rows = [r + [eos] for r in rows] if eos is not None else rows
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (B, S)
+    mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
+    return ids, mask
+
+
+def toy_batch(n: int, cfg, generator: torch.Generator):
+    """A training batch: (input_ids, attention_mask, labels with -100 on padding)."""
+    sources = toy_sources(n, cfg.vocab_size, generator)
+    targets = []
+    for src in sources:
+        r = torch.rand((), generator=generator)
+        if r < 0.3:
+            targets.append(src + [cfg.eos_token_id])
+        elif r < 0.45:
+            targets.append(src[: (len(src) + 1) // 2] + [cfg.eos_token_id])
+        else:
+            variant = 3 + int(torch.randint(N_VARIANTS, (), generator=generator))
+            targets.append([MARK, variant] + src[::-1] + [cfg.eos_token_id])
+    input_ids, attention_mask = pad_batch(sources, cfg.pad_token_id, cfg.eos_token_id)
+    labels, label_mask = pad_batch(targets, cfg.pad_token_id)
+    return input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100)
+
+
+def train_toy(model, steps: int = 400, seed: int = 0, batch_size: int = 64, lr: float = 5e-3):
+    """Fit `model` on the toy task (Adam, short warmup) and return it in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    # Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP threads waiting
+    # for each other make training several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.train()
+    for _ in range(steps):
+        loss = model.loss(*toy_batch(batch_size, model.config, g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    torch.set_num_threads(threads)
+    model.last_toy_loss = loss.item()
+    return model.eval()
+
+
+def toy_inputs(n: int, cfg, seed: int = 1234, min_len: int = 2, max_len: int = 6):
+    """n evaluation sources, right-padded: (input_ids, attention_mask)."""
+    g = torch.Generator().manual_seed(seed)
+    return pad_batch(toy_sources(n, cfg.vocab_size, g, min_len, max_len), cfg.pad_token_id, cfg.eos_token_id)
+
+
+# ----------------------------------------------------------------------------- the reference twin
+
+DERIVED = ("embed_tokens.weight", "lm_head.weight", "embed_positions.weight")  # tied or computed in the reference
+
+
+def to_reference(model):
+    """The reference library's model with the same weights: transformers' AutoModelForSeq2SeqLM
+    built from our config (its field names are the reference's) and loaded with our state dict."""
+    import transformers
+
+    fields = asdict(model.config)
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)  # the reference initialises weights we then overwrite; keep it deterministic
+    ref = transformers.AutoModelForSeq2SeqLM.from_config(hf_config)
+    names = set(ref.state_dict())
+    state = {}
+    for k, v in model.state_dict().items():
+        name = f"model.{k}" if f"model.{k}" in names else k
+        if name not in names:
+            raise KeyError(f"{k} has no counterpart in {type(ref).__name__}")
+        state[name] = v
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    leftover = [m for m in missing if not m.endswith(DERIVED)]
+    if leftover or unexpected:
+        raise KeyError(f"reference weights not covered: {leftover}, unexpected: {unexpected}")
+    return ref.eval()
+
+
+def from_reference(ref):
+    """Our model *sharing* the weights of a reference model (no copy, no second random init): the
+    cheap way to compare the two at the published sizes."""
+    from load_weights import model_class
+
+    cls, config_cls = model_class(ref.config.model_type)
+    with torch.device("meta"):  # shapes only
+        model = cls(config_cls.from_dict(ref.config.to_dict()))
+    names = set(model.state_dict())
+    state = {k.removeprefix("model."): v for k, v in ref.state_dict().items() if k.removeprefix("model.") in names}
+    if names - set(state):
+        raise KeyError(f"not found in the reference model: {sorted(names - set(state))[:3]}")
+    model.load_state_dict(state, assign=True, strict=True)
+    model.init_buffers()  # computed buffers (position tables) were built on the meta device
+    return model.eval()
