@@ -5,6 +5,7 @@ through oneDNN with pre-converted weights).
 
     python bench.py                               # google/pegasus-xsum shape, all cases
     python bench.py --cases beam8_b1 --threads 2
+    python bench.py --long 4096 16384             # PEGASUS-X long inputs (bench_long.py)
 
 Every implementation runs each case in a fresh process, so that its peak resident memory
 (ru_maxrss) is its own, on the same weights (written once to a temporary checkpoint), the same
@@ -133,8 +134,15 @@ def main():
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
     p.add_argument("--checkpoint", help="reuse a checkpoint directory instead of building one (random weights)")
+    p.add_argument("--long", type=int, nargs="+", metavar="TOKENS",
+                   help="long-input mode: google/pegasus-x-base shape at these input lengths (see bench_long.py)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "CASE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.long:
+        from bench_long import bench_long
+        torch.set_num_threads(args.threads)
+        bench_long(args.long, checkpoint=args.checkpoint)
+        return
     if args.worker:
         impl, ckpt, case = args.worker
         print(json.dumps(worker(impl, Path(ckpt), case, args.threads)))

@@ -1,0 +1,140 @@
+"""Long-input benchmark (`python bench.py --long ...`): PEGASUS-X at the google/pegasus-x-base shape vs transformers.
+
+    python bench_long.py                              # 4,096 and 16,384 tokens, ours and the reference
+    python bench_long.py --lengths 4096 --impls ours  # one cell
+
+For each (implementation, input length) a fresh subprocess loads the same random-weight checkpoint (fp32, CPU),
+times the encoder alone, then greedy generation of `--new-tokens` tokens (encoder included, EOS blocked so both
+produce exactly that many), and reports its peak resident memory (ru_maxrss / VmHWM, weights and loading included)
+and the peak above the loaded model while it runs ("activations"), which is what must grow linearly with the input.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = "google/pegasus-x-base"
+
+
+def rss_gb(field: str = "VmHWM") -> float:
+    """VmRSS: resident memory now; VmHWM: its peak (since start or the last reset_peak). Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB -> GB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM from the current RSS (Linux >= 4.0)
+
+
+def make_checkpoint(directory: Path):
+    """A random-weight checkpoint at the published shape, in the layout both implementations load."""
+    from load_weights import save_model
+    from pegasus_x import PUBLISHED, PegasusX
+
+    torch.manual_seed(0)
+    model = PegasusX(PUBLISHED[SHAPE])
+    model.generation_config = dict(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, forced_eos_token_id=1)
+    save_model(model, directory)
+
+
+def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
+    """One measurement; runs in its own process so that the peak memory is this cell's alone."""
+    torch.manual_seed(1)
+    if impl == "ours":
+        from generate import generate
+        from load_weights import load_model
+
+        model, _ = load_model(checkpoint, with_tokenizer=False)
+        encode = lambda ids, mask: model.encode(ids, mask)
+        greedy = lambda ids, mask: generate(model, ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                            num_beams=1)
+    else:
+        import transformers
+
+        model = transformers.PegasusXForConditionalGeneration.from_pretrained(checkpoint).eval()
+        encode = lambda ids, mask: model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        greedy = lambda ids, mask: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                  min_new_tokens=new_tokens, num_beams=1, do_sample=False)
+    with torch.no_grad():  # page in memory-mapped weights now, so that they count as "model", not "activations"
+        sum(float(p.sum()) for p in model.parameters())
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GB; the same as VmHWM here
+    loaded = rss_gb("VmRSS")
+    reset_peak()
+    ids = torch.randint(2, model.config.vocab_size, (1, length))  # (1, S)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        t = time.perf_counter()
+        encode(ids, mask)
+        encoder_s = time.perf_counter() - t
+        t = time.perf_counter()
+        out = greedy(ids, mask)
+        generate_s = time.perf_counter() - t
+    run_peak = rss_gb("VmHWM")
+    return dict(impl=impl, length=length, encoder_s=encoder_s, generate_s=generate_s, new_tokens=out.size(1) - 1,
+                loaded_gb=loaded, peak_gb=max(load_peak, run_peak), activations_gb=run_peak - loaded,
+                threads=torch.get_num_threads())
+
+
+def bench_long(lengths=(4096, 16384), impls=("ours", "reference"), new_tokens: int = 63, checkpoint=None) -> list:
+    """Every (length, implementation) cell in a fresh subprocess; returns the rows and prints a table."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if checkpoint is None:
+            checkpoint = Path(tmp) / "pegasus-x-base-random"
+            make_checkpoint(checkpoint)
+        for length in lengths:
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--worker", impl, str(checkpoint), str(length), str(new_tokens)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+                if proc.returncode:
+                    raise RuntimeError(f"{impl} at {length} tokens failed:\n{proc.stderr[-2000:]}")
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print_row(rows[-1])
+    summarize(rows)
+    return rows
+
+
+def print_row(r: dict):
+    print(f"{r['impl']:>9} {r['length']:>6} tokens: encoder {r['encoder_s']:6.1f} s  greedy {r['new_tokens']} new "
+          f"tokens {r['generate_s']:6.1f} s  peak RSS {r['peak_gb']:.2f} GB (model {r['loaded_gb']:.2f} + "
+          f"activations {r['activations_gb']:.2f})", flush=True)
+
+
+def summarize(rows: list):
+    cell = {(r["impl"], r["length"]): r for r in rows}
+    lengths = sorted({r["length"] for r in rows})
+    for n in lengths:
+        ours, ref = cell.get(("ours", n)), cell.get(("reference", n))
+        if ours and ref:
+            print(f"{n:>6} tokens, ours / reference: encoder {ours['encoder_s'] / ref['encoder_s']:.2f}x, "
+                  f"greedy {ours['generate_s'] / ref['generate_s']:.2f}x, "
+                  f"peak RSS {ours['peak_gb'] / ref['peak_gb']:.2f}x")
+    for impl in ("ours", "reference"):
+        if len(lengths) > 1 and all((impl, n) in cell for n in lengths):
+            a, b = cell[(impl, lengths[0])], cell[(impl, lengths[-1])]
+            print(f"{impl}: {lengths[-1] / lengths[0]:.0f}x the input -> activations x"
+                  f"{b['activations_gb'] / max(a['activations_gb'], 1e-3):.1f}, encoder time x"
+                  f"{b['encoder_s'] / a['encoder_s']:.1f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        impl, checkpoint, length, new_tokens = sys.argv[2:6]
+        print(json.dumps(run_one(impl, checkpoint, int(length), int(new_tokens))))
+        sys.exit()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--impls", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
+    p.add_argument("--new-tokens", type=int, default=63, help="greedy tokens after the start token (EOS blocked)")
+    p.add_argument("--checkpoint", help="a pegasus_x checkpoint directory (default: random weights, base shape)")
+    args = p.parse_args()
+    bench_long(args.lengths, args.impls, args.new_tokens, args.checkpoint)
