@@ -49,11 +49,13 @@ def make_checkpoint(directory: Path):
 def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     """One measurement; runs in its own process so that the peak memory is this cell's alone."""
     torch.manual_seed(1)
-    if impl == "ours":
-        from generate import generate
+    if impl.startswith("ours"):
+        from generate import generate, use_onednn
         from load_weights import load_model
 
         model, _ = load_model(checkpoint, with_tokenizer=False)
+        if impl == "ours+onednn":  # what the CLI uses for float32 on CPU
+            use_onednn(model)
         encode = lambda ids, mask: model.encode(ids, mask)
         greedy = lambda ids, mask: generate(model, ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                             num_beams=1)
@@ -84,7 +86,8 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
                 threads=torch.get_num_threads())
 
 
-def bench_long(lengths=(4096, 16384), impls=("ours", "reference"), new_tokens: int = 63, checkpoint=None) -> list:
+def bench_long(lengths=(4096, 16384), impls=("ours", "ours+onednn", "reference"), new_tokens: int = 63,
+               checkpoint=None) -> list:
     """Every (length, implementation) cell in a fresh subprocess; returns the rows and prints a table."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,13 +115,13 @@ def print_row(r: dict):
 def summarize(rows: list):
     cell = {(r["impl"], r["length"]): r for r in rows}
     lengths = sorted({r["length"] for r in rows})
-    for n in lengths:
-        ours, ref = cell.get(("ours", n)), cell.get(("reference", n))
+    for n, impl in [(n, impl) for n in lengths for impl in ("ours", "ours+onednn")]:
+        ours, ref = cell.get((impl, n)), cell.get(("reference", n))
         if ours and ref:
-            print(f"{n:>6} tokens, ours / reference: encoder {ours['encoder_s'] / ref['encoder_s']:.2f}x, "
+            print(f"{n:>6} tokens, {impl} / reference: encoder {ours['encoder_s'] / ref['encoder_s']:.2f}x, "
                   f"greedy {ours['generate_s'] / ref['generate_s']:.2f}x, "
                   f"peak RSS {ours['peak_gb'] / ref['peak_gb']:.2f}x")
-    for impl in ("ours", "reference"):
+    for impl in ("ours", "ours+onednn", "reference"):
         if len(lengths) > 1 and all((impl, n) in cell for n in lengths):
             a, b = cell[(impl, lengths[0])], cell[(impl, lengths[-1])]
             print(f"{impl}: {lengths[-1] / lengths[0]:.0f}x the input -> activations x"
@@ -133,7 +136,8 @@ if __name__ == "__main__":
         sys.exit()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--impls", nargs="+", default=["ours", "reference"], choices=["ours", "reference"])
+    p.add_argument("--impls", nargs="+", default=["ours", "ours+onednn", "reference"],
+                   choices=["ours", "ours+onednn", "reference"])
     p.add_argument("--new-tokens", type=int, default=63, help="greedy tokens after the start token (EOS blocked)")
     p.add_argument("--checkpoint", help="a pegasus_x checkpoint directory (default: random weights, base shape)")
     args = p.parse_args()

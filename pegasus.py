@@ -151,9 +151,23 @@ class Attention(nn.Module):
         once per source document; all beams of that document then share the result."""
         return self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
 
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(Dh)) v for queries (B, H, T, Dh) and keys/values (B, H, S, Dh), mask
+        boolean (True = may attend) or additive. Returns (out, the weights on the math path, else None)."""
+        p = self.dropout if self.training else 0.0
+        if self.use_sdpa and not self.keep_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        if mask is not None and mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif mask is not None:  # additive (see Pegasus.decode)
+            scores = scores + mask
+        w = scores.softmax(dim=-1)
+        return F.dropout(w, p, self.training) @ v, w.detach()  # (B, H, T, Dh)
+
     def forward(self, x, kv=None, mask=None, cache: KVCache | None = None, input_pos=None):
         """x: (B, T, D) queries. kv: precomputed (k, v) for cross-attention, else self-attention.
-        mask: boolean, True = may attend, broadcastable to (B, H, T, S)."""
+        mask: boolean (True = may attend) or additive, broadcastable to (B, H, T, S)."""
         B, T, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
         if kv is None:
@@ -169,18 +183,8 @@ class Attention(nn.Module):
         if group > 1:
             q = q.view(k.size(0), group, self.n_heads, T, self.head_dim).transpose(1, 2)  # (Bs, H, G, T, Dh)
             q = q.reshape(k.size(0), self.n_heads, group * T, self.head_dim)  # (Bs, H, G*T, Dh)
-        p = self.dropout if self.training else 0.0
-        if self.use_sdpa and not self.keep_weights:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B', H, T', Dh)
-        else:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B', H, T', S)
-            if mask is not None and mask.dtype == torch.bool:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            elif mask is not None:  # additive (see Pegasus.decode)
-                scores = scores + mask
-            w = scores.softmax(dim=-1)
-            self.weights = w.detach() if self.keep_weights else None
-            out = F.dropout(w, p, self.training) @ v  # (B', H, T', Dh)
+        out, w = self.attend(q, k, v, mask)  # (B', H, T', Dh)
+        self.weights = w if self.keep_weights else None
         if group > 1:
             out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
         out = out.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, D)  # (B, T, D)

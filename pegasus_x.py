@@ -85,7 +85,7 @@ class GlobalLocalAttention(Attention):
         block 1     ########|         |#########|            a token sees all global tokens and its
         block 2     ########|         |         |#########   own block, under a single softmax
 
-    Both parts are ordinary attention calls (SDPA, or the plain math of pegasus.Attention): the
+    Both parts are ordinary attention calls (pegasus.Attention.attend: SDPA or plain math): the
     global rows are one call over all G + S keys; the token rows become B*N independent "sequences"
     of block_size queries whose keys are the G global keys followed by the block's own keys. Nothing
     of size (S x S) is built: the largest score tensor is (B*N, H, block, G + block).
@@ -96,15 +96,6 @@ class GlobalLocalAttention(Attention):
     and values are padded, with masked zeros: the padding costs no matmul, and as padded keys are
     masked in both, real tokens get the same outputs.
     """
-
-    def attend(self, q, k, v, mask):
-        """softmax(q k^T / sqrt(Dh)) v with a boolean mask (True = may attend); returns (out, weights or None)."""
-        p = self.dropout if self.training else 0.0
-        if self.use_sdpa and not self.keep_weights:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B', H, T, S)
-        w = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return F.dropout(w, p, self.training) @ v, w.detach()  # (B', H, T, Dh)
 
     def forward(self, h, mask, n_global: int, block_size: int, shift: int = 0):
         """h: (B, G+S, D), the G global tokens then the S input tokens; mask: (B, G+S) bool, True =
