@@ -1,6 +1,6 @@
 """Decoding speed: this project's generate() against transformers' generate() (and CTranslate2 if
 it is installed), on randomly initialised models of a published shape and one real news article.
-"ours" is generate() as the tests check it; "ours+onednn" adds generate.use_onednn (the matmuls
+"ours" is generate() as the tests check it; "ours+onednn" adds onednn.use_onednn (the matmuls
 through oneDNN with pre-converted weights).
 
     python bench.py                               # google/pegasus-xsum shape, all cases
@@ -80,8 +80,9 @@ def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (B, S) right-padded
     mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
     if impl.startswith("ours"):
-        from generate import generate, use_onednn
+        from generate import generate
         from load_weights import load_model
+        from onednn import use_onednn
         model, _ = load_model(ckpt, with_tokenizer=False)
         if impl == "ours+onednn":
             use_onednn(model)

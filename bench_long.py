@@ -50,8 +50,9 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     """One measurement; runs in its own process so that the peak memory is this cell's alone."""
     torch.manual_seed(1)
     if impl.startswith("ours"):
-        from generate import generate, use_onednn
+        from generate import generate
         from load_weights import load_model
+        from onednn import use_onednn
 
         model, _ = load_model(checkpoint, with_tokenizer=False)
         if impl == "ours+onednn":  # what the CLI uses for float32 on CPU

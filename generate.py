@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from onednn import use_onednn
+
 NEG = -1e9  # "ruled out" in beam bookkeeping; finite, as in the reference, so that sums stay ordered
 
 
@@ -250,41 +252,6 @@ def check(s: Settings, input_ids, attention_mask, n_positions: int):
     if s.early_stopping not in (True, False, "never") or s.length_norm not in ("reference", "gnmt"):
         raise ValueError(f"early_stopping must be True, False or 'never' (got {s.early_stopping!r}), length_norm "
                          f"'reference' or 'gnmt' (got {s.length_norm!r})")
-
-
-# ----------------------------------------------------------------------------- a faster CPU matmul
-
-
-class OneDNNLinear(torch.nn.Module):
-    """x @ weight.T + bias through oneDNN, the weight converted to its layout once. PyTorch's float32
-    CPU matmul is MKL's sgemm, which takes a generic code path on AMD CPUs; oneDNN uses AVX-512 there:
-    on a 2-core EPYC the decoder's matmuls ran 1.6x and the encoder's 2.3x faster. Same float32 math
-    in another summation order, so logits move in the last bits (~1e-6): the parity tests use
-    PyTorch's default path, and this one is checked to give the same tokens."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = weight.detach().to_mkldnn()  # (out, in), oneDNN layout: not a parameter any more
-        self.bias = None if bias is None else bias.detach().to_mkldnn()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
-
-
-def use_onednn(model):
-    """Inference only, float32 on CPU: every nn.Linear and the tied output projection run through
-    oneDNN. Returns the model, changed in place (a no-op where oneDNN is unavailable)."""
-    w = model.shared.weight
-    if not torch.backends.mkldnn.is_available() or w.device.type != "cpu" or w.dtype != torch.float32:
-        return model
-    for name in [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
-        owner, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner)
-        setattr(owner, attr, OneDNNLinear(getattr(owner, attr).weight, getattr(owner, attr).bias))  # old one freed
-    head = OneDNNLinear(w, None)
-    bias = getattr(model, "final_logits_bias", None)  # PEGASUS-X has none
-    model.logits = head if bias is None else (lambda h: head(h) + bias)  # shadows Pegasus.logits on this instance
-    return model
 
 
 # ----------------------------------------------------------------------------- summarization

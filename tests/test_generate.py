@@ -12,7 +12,8 @@ import pytest
 import torch
 from toy import from_reference, pad_batch, to_reference, toy_sources, train_toy
 
-from generate import OneDNNLinear, generate, use_onednn
+from generate import generate
+from onednn import OneDNNLinear, use_onednn
 from pegasus import Pegasus, PegasusConfig
 
 TOY = PegasusConfig(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
