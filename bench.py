@@ -83,7 +83,7 @@ def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
         from generate import generate
         from load_weights import load_model
         from onednn import use_onednn
-        model, _ = load_model(ckpt, with_tokenizer=False)
+        model, _ = load_model(ckpt, with_tokenizer=False, mmap=impl == "ours")
         if impl == "ours+onednn":
             use_onednn(model)
         run = lambda i, m, **kw: generate(model, i, m, **kw)

@@ -54,7 +54,7 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
         from load_weights import load_model
         from onednn import use_onednn
 
-        model, _ = load_model(checkpoint, with_tokenizer=False)
+        model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
         if impl == "ours+onednn":  # what the CLI uses for float32 on CPU
             use_onednn(model)
         encode = lambda ids, mask: model.encode(ids, mask)
@@ -75,6 +75,7 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     ids = torch.randint(2, model.config.vocab_size, (1, length))  # (1, S)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
+        encode(ids[:, :512], mask[:, :512])  # warm-up (lazy initialisation), as bench.py does; not timed
         t = time.perf_counter()
         encode(ids, mask)
         encoder_s = time.perf_counter() - t

@@ -266,7 +266,8 @@ def load(name_or_path, dtype="float32", device="cpu"):
 
     key = (str(name_or_path), str(dtype), str(device))
     if key not in _LOADED:
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device)
+        # Not memory-mapped: use_onednn then frees each original weight as it converts it.
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False)
         _LOADED[key] = use_onednn(model), tokenizer
     return _LOADED[key]
 

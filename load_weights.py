@@ -70,8 +70,9 @@ def resolve(name_or_path: str) -> Path:
                 f"the path)") from None
 
 
-def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, memory-mapped where the format allows it."""
+def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: memory-mapped (pages read on first use), or read into ordinary
+    memory, where each tensor can be freed on its own (what onednn.use_onednn needs)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = ckpt / "model.safetensors.index.json"
@@ -80,7 +81,7 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     elif (ckpt / "model.safetensors").exists():
         files = ["model.safetensors"]
     elif (ckpt / "pytorch_model.bin").exists():  # legacy pickle: weights_only refuses arbitrary code
-        return torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=mmap)
     else:
         raise FileNotFoundError(f"no weights in {ckpt} (expected model.safetensors, "
                                 f"model.safetensors.index.json or pytorch_model.bin)")
@@ -89,13 +90,13 @@ def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
         if not (ckpt / f).exists():
             raise FileNotFoundError(f"{ckpt / f} is listed in the shard index but missing")
         try:
-            tensors.update(load_file(ckpt / f))
+            tensors.update(load_file(ckpt / f, backend="mmap" if mmap else "pread"))
         except SafetensorError as e:
             raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
     return tensors
 
 
-def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True):
+def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True):
     """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum."""
     dtype = parse_dtype(dtype)
     ckpt = resolve(str(name_or_path))
@@ -117,7 +118,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         model = cls(config)
     expected = model.state_dict()  # names and shapes (meta tensors)
     state, copies = {}, {}
-    for key, t in read_tensors(ckpt).items():
+    for key, t in read_tensors(ckpt, mmap).items():
         if key in TIED or key in POSITIONS:
             copies[key] = t  # derived tensors: checked below, never loaded
             continue

@@ -3,9 +3,10 @@
 PyTorch's float32 CPU matmul is MKL's sgemm, which takes a generic code path on AMD CPUs such as
 the EPYC this project is benchmarked on; oneDNN (bundled with PyTorch) uses AVX-512 there. With the
 weights converted to oneDNN's layout once, decoding ran 1.6x faster and encoding 2.3x faster
-(bench.py). The catch is memory: the converted weights are a second copy next to the loaded
-(memory-mapped) checkpoint. generate.py's CLI and summarize() turn it on for float32 on CPU;
-generate() itself never does, so the parity tests run PyTorch's default path.
+(bench.py). Load the model with load_model(..., mmap=False) first: each original weight is then
+freed as it is converted, where a memory-mapped checkpoint would stay resident beside the copy.
+generate.py's CLI and summarize() do this for float32 on CPU; generate() itself never converts,
+so the parity tests run PyTorch's default path.
 """
 
 import torch

@@ -274,3 +274,7 @@ def test_no_meta_tensor_is_left_after_loading(good_checkpoint):
     model, _ = load_model(good_checkpoint)
     assert not any(p.is_meta for p in model.parameters()) and not any(b.is_meta for b in model.buffers())
     assert torch.equal(model.embed_positions, sinusoids(256, 64))
+    unmapped, tok = load_model(good_checkpoint, mmap=False)  # read into ordinary memory: the same model
+    ids, mask, dec = batch(tok)
+    with torch.no_grad():
+        assert torch.equal(unmapped(ids, mask, dec), model(ids, mask, dec))
