@@ -90,13 +90,15 @@ class Sampler:
             scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
         return scores
 
-    def step(self, logits: torch.Tensor, seqs: torch.Tensor, t: int, cache) -> bool:
-        scores = constrain(logits, seqs, t, self.s)
+    def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int, cache) -> bool:
+        fix = lambda scores: constrain(scores, seqs, t, self.s)
         if self.s.do_sample:
-            probs = self.warp(scores).softmax(-1)
+            probs = self.warp(fix(model.logits(h).float())).softmax(-1)
             token = torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # (N,)
+        elif hasattr(model, "greedy_argmax"):  # onednn.use_onednn's exact argmax that skips most of the head
+            token = model.greedy_argmax(h, fix)
         else:
-            token = scores.argmax(-1)  # (N,)
+            token = fix(model.logits(h).float()).argmax(-1)  # (N,)
         seqs[:, t + 1] = token.masked_fill(self.done, self.s.pad)  # finished texts are padded
         self.done |= token == self.s.eos
         return bool(self.done.all())
@@ -142,10 +144,10 @@ class BeamSearch:
             return ((5 + length) / 6) ** self.s.length_penalty
         return length ** self.s.length_penalty
 
-    def step(self, logits: torch.Tensor, seqs: torch.Tensor, t: int, cache) -> bool:
+    def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int, cache) -> bool:
         s, B, K = self.s, self.B, self.width
-        V = logits.size(-1)
-        logprobs = constrain(F.log_softmax(logits, dim=-1), seqs, t, s)  # (B*K, V)
+        logprobs = constrain(F.log_softmax(model.logits(h).float(), dim=-1), seqs, t, s)  # (B*K, V)
+        V = logprobs.size(-1)
         total = (logprobs.view(B, K, V) + self.scores[:, :, None]).view(B, K * V)  # (B, K*V)
         # 2K candidates: even if K of them end here, K remain to carry on.
         top, idx = total.topk(2 * K)  # (B, 2K), best first
@@ -229,10 +231,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     positions = torch.arange(s.max_new_tokens, device=device)
     for t in range(s.max_new_tokens):
         if cache is not None:  # feed only the newest token; the cache holds the rest
-            logits = model.decode(seqs[:, t: t + 1], cache=cache, input_pos=positions[t: t + 1])  # (n, 1, V)
+            h = model.decode(seqs[:, t: t + 1], cache=cache, input_pos=positions[t: t + 1], hidden=True)  # (n, 1, D)
         else:  # the slow, obviously correct way: re-run the whole prefix
-            logits = model.decode(seqs[:, : t + 1], encoder_out, attention_mask)  # (n, t+1, V)
-        if search.step(logits[:, -1].float(), seqs, t, cache):
+            h = model.decode(seqs[:, : t + 1], encoder_out, attention_mask, hidden=True)  # (n, t+1, D)
+        if search.step(model, h[:, -1], seqs, t, cache):  # the search scores the newest position
             break
     return search.result(seqs, t)
 

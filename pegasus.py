@@ -350,8 +350,9 @@ class Pegasus(nn.Module):
         return F.linear(h, self.shared.weight) + self.final_logits_bias.to(h.dtype)  # (B, T, V)
 
     def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
-               input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:
-        """Decoder ids (B, T) -> logits (B, T, V).
+               input_pos: torch.Tensor | None = None, decoder_attention_mask=None, hidden=False) -> torch.Tensor:
+        """Decoder ids (B, T) -> logits (B, T, V), or with hidden=True the final states (B, T, D)
+        that the LM head would score (generate.py scores only the last position).
 
         Without a cache the whole prefix is processed with a causal mask (training, scoring).
         With a cache, `decoder_input_ids` are the new tokens at positions `input_pos` (T,) and
@@ -382,7 +383,8 @@ class Pegasus(nn.Module):
         for i, layer in enumerate(self.decoder.layers):
             x = layer(x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
                       None if cache is None else cache.self_kv[i], input_pos)
-        return self.logits(self.decoder.layer_norm(x))
+        h = self.decoder.layer_norm(x)  # (B, T, D)
+        return h if hidden else self.logits(h)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
         """Full teacher-forced pass: logits (B, T, V). Without decoder ids, scores the first

@@ -368,6 +368,19 @@ def test_generate_matches_reference(trained, num_beams, length_penalty):
     assert all(t[-1] == model.config.eos_token_id for t in texts(ours)), "every output should end: it is trained"
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_onednn_path_generates_the_same_ids(trained, num_beams):
+    """What the CLI runs for float32 on CPU: packed matmuls, and the screened argmax when greedy."""
+    import copy
+
+    from onednn import use_onednn
+    model, _ = trained
+    fast = use_onednn(copy.deepcopy(model))
+    if not hasattr(fast, "greedy_argmax"):
+        pytest.skip("this PyTorch build has no oneDNN / int8 weight kernels")
+    assert torch.equal(run_generate(fast, num_beams, 1.0), run_generate(model, num_beams, 1.0))
+
+
 def test_greedy_and_beam_search_disagree_on_the_toy_task(trained):
     """The test above would be weak if greedy and beam search found the same outputs: check they do not."""
     model, _ = trained
