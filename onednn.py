@@ -55,9 +55,14 @@ def use_onednn(model):
         owner, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner)
         setattr(owner, attr, OneDNNLinear(getattr(owner, attr).weight, getattr(owner, attr).bias))  # old one freed
-    head = OneDNNLinear(w, None)
     bias = getattr(model, "final_logits_bias", None)  # PEGASUS-X has none
-    model.logits = head if bias is None else (lambda h: head(h) + bias)  # shadows Pegasus.logits on this instance
+    head = []  # the tied output projection, packed on first use: greedy decoding never needs it (ScreenedArgmax)
+
+    def logits(h):  # shadows Pegasus.logits on this instance
+        if not head:  # a packed copy beside the embedding, which token lookups still read
+            head.append(OneDNNLinear(w, None))
+        return head[0](h) if bias is None else head[0](h) + bias
+    model.logits = logits
     if hasattr(torch, "_weight_int8pack_mm"):
         model.greedy_argmax = ScreenedArgmax(w, None if bias is None else bias[0])  # generate.Sampler uses it
     return model
