@@ -5,6 +5,7 @@ through oneDNN with pre-converted weights).
 
     python bench.py                               # google/pegasus-xsum shape, all cases
     python bench.py --cases beam8_b1 --threads 2
+    python bench.py --rounds 3                    # every implementation 3 times, round-robin; medians
     python bench.py --long 4096 16384             # PEGASUS-X long inputs (bench_long.py)
 
 Every implementation runs each case in a fresh process, so that its peak resident memory
@@ -135,6 +136,7 @@ def main():
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
     p.add_argument("--checkpoint", help="reuse a checkpoint directory instead of building one (random weights)")
+    p.add_argument("--rounds", type=int, default=1, help="run every implementation this many times; report medians")
     p.add_argument("--long", type=int, nargs="+", metavar="TOKENS",
                    help="long-input mode: google/pegasus-x-base shape at these input lengths (see bench_long.py)")
     p.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "CASE"), help=argparse.SUPPRESS)
@@ -159,24 +161,36 @@ def main():
         print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
-        print(f"{args.model} shape, random weights, {args.threads} threads, {NEW_TOKENS} new tokens forced, fp32")
+        print(f"{args.model} shape, random weights, {args.threads} threads, {NEW_TOKENS} new tokens forced, fp32"
+              + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
         print(f"{'case':<10} {'implementation':<15} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} {'vs ref':>7}  ids")
         for case in cases:
-            ref = None
-            for impl in impls:
-                cmd = [sys.executable, str(ROOT / "bench.py"), "--threads", str(args.threads),
-                       "--worker", impl, str(ckpt), case]
-                r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if r.returncode != 0:
-                    print(f"{case:<10} {impl:<15} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-                    continue
-                res = json.loads(r.stdout.strip().splitlines()[-1])
-                ref = res if impl == "transformers" else ref
+            runs = {impl: [] for impl in impls}
+            for _ in range(args.rounds):  # round-robin, so that a slow spell of the machine hits every implementation
+                for impl in impls:
+                    cmd = [sys.executable, str(ROOT / "bench.py"), "--threads", str(args.threads),
+                           "--worker", impl, str(ckpt), case]
+                    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                    if r.returncode != 0:
+                        print(f"{case:<10} {impl:<15} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
+                        continue
+                    runs[impl].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            ref = median(runs["transformers"])
+            for impl in [i for i in impls if runs[i]]:
+                res = median(runs[impl])
                 n_tokens = sum(len(row) - 1 for row in res["ids"])  # generated, over the batch
                 ratio = f"{res['seconds'] / ref['seconds']:6.2f}x" if ref else "   n/a"
-                same = "n/a" if ref is None else "same" if res["ids"] == ref["ids"] else "DIFFERENT"
+                same = "n/a" if ref is None else "same" if all(x["ids"] == ref["ids"] for x in runs[impl]) \
+                    else "DIFFERENT"
                 print(f"{case:<10} {impl:<15} {res['seconds']:8.2f} {n_tokens / res['seconds']:9.1f} "
                       f"{res['peak_rss'] / 2**20:7.2f} G {ratio}  {same}")
+
+
+def median(runs: list[dict]) -> dict | None:
+    """The run with the median time (the upper one of an even count), with the highest peak RSS of all."""
+    if not runs:
+        return None
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] | {"peak_rss": max(r["peak_rss"] for r in runs)}
 
 
 def build_checkpoint(name: str, out: Path) -> Path:
