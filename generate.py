@@ -323,26 +323,17 @@ def read_documents(args) -> tuple[list[str], list[dict] | None]:
         if not text.strip():
             raise ValueError("the input text is empty")
         return [text], None
+    if args.file.suffix == ".jsonl":  # the same reader as train.py's
+        from train import read_records
+        records = read_records(args.file, ("text",))
+        return [r["text"] for r in records], records
     try:
-        lines = args.file.read_text(encoding="utf-8").splitlines()
+        texts = [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
-    texts, records = [line for line in lines if line.strip()], None
-    if args.file.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.file} line {n} is not valid JSON: {e.msg}") from None
-            if record is not None and not (isinstance(record, dict) and isinstance(record.get("text"), str)
-                                           and record["text"].strip()):
-                raise ValueError(f"{args.file} line {n} has no 'text' field with a non-empty string")
-            records += [record] if record is not None else []
-        texts = [r["text"] for r in records]
     if not texts:
         raise ValueError(f"{args.file} contains no documents")
-    return texts, records
+    return texts, None
 
 
 def main(argv=None) -> int:
@@ -377,7 +368,7 @@ def main(argv=None) -> int:
         if args.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
         texts, records = read_documents(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # problems with the model: exit status 1

@@ -142,14 +142,19 @@ def make_gsg_example(text: str, ratio: float = 0.3, strategy: str = "ind-orig", 
 # ----------------------------------------------------------------------------- data
 
 
-def read_jsonl(path, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """The string fields `keys` of every line of a JSON-lines file; blank lines are skipped."""
+def read_records(path, keys: tuple[str, ...]) -> list[dict]:
+    """The JSON objects on the lines of a JSON-lines file (blank lines skipped), each checked to have the
+    string fields `keys`. Errors name the file and line. (generate.py's --file reads .jsonl with it too.)"""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     rows = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 etc., which splitlines() cuts at.
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for n, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -163,10 +168,15 @@ def read_jsonl(path, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
                 raise ValueError(f"{path}:{n}: missing field {k!r}")
             if not isinstance(row[k], str) or not row[k].strip():
                 raise ValueError(f"{path}:{n}: field {k!r} must be a non-empty string")
-        rows.append(tuple(row[k] for k in keys))
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows
+
+
+def read_jsonl(path, keys: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The string fields `keys` of every line of a JSON-lines file, as tuples."""
+    return [tuple(row[k] for k in keys) for row in read_records(path, keys)]
 
 
 def read_documents(path) -> list[str]:

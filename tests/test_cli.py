@@ -105,7 +105,8 @@ def test_long_input_is_truncated_with_a_note(checkpoint):
     (["--model", "{ckpt}", ""], "", 2, "the input text is empty"),
     (["--model", "{ckpt}"], "  \n", 2, "the input text is empty"),
     (["--model", "{ckpt}", "--file", "{tmp}/missing.txt"], "", 2, "cannot read"),
-    (["--model", "{ckpt}", "--file", "{tmp}/bad.jsonl"], "", 2, "line 2 has no 'text' field"),
+    (["--model", "{ckpt}", "--file", "{tmp}/bad.jsonl"], "", 2, "bad.jsonl:2: missing field 'text'"),
+    (["--model", "{ckpt}", "--file", "{tmp}/missing.jsonl"], "", 2, "data file not found"),
     (["--model", "{ckpt}", "--dtype", "float16", "Some text."], "", 2, "float16 is not supported on CPU"),
     (["--model", "{ckpt}", "--file", "{tmp}/bad.jsonl", "Some text."], "", 2, "not both"),
 ])
