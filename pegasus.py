@@ -201,10 +201,12 @@ class EncoderLayer(nn.Module):
     Transformer) keeps gradients well-behaved in deep stacks; PEGASUS then needs one extra
     LayerNorm at the very end of each stack (`Stack.layer_norm`)."""
 
+    attention = Attention  # the self-attention module (PEGASUS-X's encoder layer swaps in its own)
+
     def __init__(self, cfg: PegasusConfig, d_ffn: int, n_heads: int, bias: bool = True):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = Attention(d, n_heads, cfg.attention_dropout, bias=bias)
+        self.self_attn = self.attention(d, n_heads, cfg.attention_dropout, bias=bias)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, d_ffn), nn.Linear(d_ffn, d)
         self.final_layer_norm = nn.LayerNorm(d)

@@ -153,10 +153,10 @@ class EncoderLayerX(EncoderLayer):
         odd layers [- - 0 1][2 3 4 5][6 7 8 9]          - = masked padding
     """
 
+    attention = GlobalLocalAttention
+
     def __init__(self, cfg: PegasusXConfig, stagger: bool):
         super().__init__(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, bias=False)
-        self.self_attn = GlobalLocalAttention(cfg.d_model, cfg.encoder_attention_heads, cfg.attention_dropout,
-                                              bias=False)
         self.global_self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
         self.n_global, self.block_size = cfg.num_global_tokens, cfg.block_size
         self.shift = cfg.block_size // 2 if stagger else 0
