@@ -63,8 +63,12 @@ def use_onednn(model):
             head.append(OneDNNLinear(w, None))
         return head[0](h) if bias is None else head[0](h) + bias
     model.logits = logits
-    if hasattr(torch, "_weight_int8pack_mm"):
-        model.greedy_argmax = ScreenedArgmax(w, None if bias is None else bias[0])  # generate.Sampler uses it
+    try:
+        screen = ScreenedArgmax(w, None if bias is None else bias[0])
+        screen(torch.zeros(1, w.size(1)), lambda scores: scores)  # older PyTorch lacks the int8 kernel or its dtypes
+        model.greedy_argmax = screen  # generate.Sampler uses it
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass  # greedy decoding then takes the argmax of the full logits
     return model
 
 
