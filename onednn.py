@@ -19,6 +19,7 @@ PyTorch's default path.
 """
 
 import torch
+import torch.nn.functional as F
 
 # Rows the packed layout is chosen for. oneDNN picks a weight layout per expected batch: for 1 row
 # it keeps a GEMV-friendly layout that streams ~1.4x slower than the blocked one it picks from ~4
@@ -65,7 +66,7 @@ def use_onednn(model):
     model.logits = logits
     try:
         screen = ScreenedArgmax(w, None if bias is None else bias[0])
-        screen(torch.zeros(1, w.size(1)), lambda scores: scores)  # older PyTorch lacks the int8 kernel or its dtypes
+        screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
         model.greedy_argmax = screen  # generate.Sampler uses it
     except (AttributeError, RuntimeError, NotImplementedError):
         pass  # greedy decoding then takes the argmax of the full logits
@@ -93,7 +94,8 @@ class ScreenedArgmax:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         E = self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
         self.bias = bias  # (V,) or None
-        self.scale = (E.abs().amax(1) / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
+        largest = torch.maximum(E.amax(1), -E.amin(1))  # (V,) max |e_ij| without an |E| copy
+        self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
         self.norm_e, self.norm_err, self.norm_approx = (torch.empty(E.size(0)) for _ in range(3))  # (V,) each
         for i in range(0, E.size(0), 4096):  # in slices of rows: no second (V, D) float32 copy at any time
@@ -121,6 +123,9 @@ class ScreenedArgmax:
         y = constrain(y)  # banned tokens -> -inf: never candidates
         best_low = (y - bound).max(dim=1, keepdim=True).values  # (N, 1): the winner's exact logit is at least this
         rows, cols = ((y + bound >= best_low) & (y > -float("inf"))).nonzero(as_tuple=True)  # (C,) candidates
+        if len(cols) > self.E.size(0) // 16:  # nearly flat scores (h ~ 0): screening saves nothing, score all
+            exact = F.linear(h, self.E) if self.bias is None else F.linear(h, self.E) + self.bias  # (N, V)
+            return constrain(exact).argmax(-1)
         exact = (h[rows] * self.E[cols]).sum(-1)  # (C,) float32 logits of the candidates only
         if self.bias is not None:
             exact += self.bias[cols]

@@ -92,6 +92,12 @@ def test_argmax_equals_the_full_argmax_with_ties_bans_and_forced_tokens():
         return s
     assert head(h, force_42).tolist() == [42] * 64
 
+    def ban_0(s):
+        s[:, 0] = -float("inf")
+        return s
+    # h = 0: every token ties, so screening cannot narrow anything down (the fallback scores all exactly).
+    assert head(torch.zeros(2, D), ban_0).tolist() == [1, 1]
+
 
 def test_near_ties_are_resolved_exactly():
     """Pairs of almost equal rows: the int8 scores cannot tell them apart, the rescoring must."""
