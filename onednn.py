@@ -18,6 +18,8 @@ summarize() do this for float32 on CPU; generate() itself never converts, so the
 PyTorch's default path.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -57,13 +59,12 @@ def use_onednn(model):
         owner = model.get_submodule(owner)
         setattr(owner, attr, OneDNNLinear(getattr(owner, attr).weight, getattr(owner, attr).bias))  # old one freed
     bias = getattr(model, "final_logits_bias", None)  # PEGASUS-X has none
-    head = []  # the tied output projection, packed on first use: greedy decoding never needs it (ScreenedArgmax)
 
-    def logits(h):  # shadows Pegasus.logits on this instance
-        if not head:  # a packed copy beside the embedding, which token lookups still read
-            head.append(OneDNNLinear(w, None))
-        return head[0](h) if bias is None else head[0](h) + bias
-    model.logits = logits
+    @functools.cache
+    def head() -> OneDNNLinear:  # the tied output projection, packed on first use: greedy never needs it
+        return OneDNNLinear(w, None)  # a packed copy beside the embedding, which token lookups still read
+
+    model.logits = lambda h: head()(h) if bias is None else head()(h) + bias  # shadows Pegasus.logits here
     try:
         screen = ScreenedArgmax(w, None if bias is None else bias[0])
         screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
@@ -97,14 +98,14 @@ class ScreenedArgmax:
         largest = torch.maximum(E.amax(1), -E.amin(1))  # (V,) max |e_ij| without an |E| copy
         self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
-        self.norm_e, self.norm_err, self.norm_approx = (torch.empty(E.size(0)) for _ in range(3))  # (V,) each
+        self.norm_e, self.slack = torch.empty(E.size(0)), torch.empty(E.size(0))  # (V,) each, see approximate
         for i in range(0, E.size(0), 4096):  # in slices of rows: no second (V, D) float32 copy at any time
-            e, s = E[i: i + 4096], self.scale[i: i + 4096].float()[:, None]
-            self.q[i: i + 4096] = torch.round(e / s).clamp(-127, 127)
-            approx = self.q[i: i + 4096] * s  # e~ for these rows
-            self.norm_e[i: i + 4096] = e.norm(dim=1)  # |e_i|
-            self.norm_err[i: i + 4096] = (e - approx).norm(dim=1)  # |e_i - e~_i|
-            self.norm_approx[i: i + 4096] = approx.norm(dim=1)  # |e~_i|
+            rows = slice(i, i + 4096)
+            e, s = E[rows], self.scale[rows].float()[:, None]
+            self.q[rows] = torch.round(e / s).clamp(-127, 127)
+            approx = self.q[rows] * s  # e~ for these rows
+            self.norm_e[rows] = e.norm(dim=1)  # |e_i|
+            self.slack[rows] = (e - approx).norm(dim=1) + 2**-7 * approx.norm(dim=1)  # |e_i - e~_i| + 2^-7 |e~_i|
 
     def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (N, D) -> approximate logits y (N, V) and a bound (N, V) on |exact - y|."""
@@ -114,7 +115,7 @@ class ScreenedArgmax:
             y += self.bias
         err_h = (h - hb.float()).norm(dim=1, keepdim=True)  # (N, 1) |h - h~|
         norm_h = hb.float().norm(dim=1, keepdim=True)  # (N, 1) |h~|
-        return y, err_h * self.norm_e + norm_h * (self.norm_err + 2**-7 * self.norm_approx)
+        return y, err_h * self.norm_e + norm_h * self.slack  # the three terms of the class docstring
 
     def __call__(self, h: torch.Tensor, constrain) -> torch.Tensor:
         """h (N, D) final decoder states -> (N,) token ids. constrain(scores) bans tokens in place
