@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import read_records
 from onednn import use_onednn
 
 NEG = -1e9  # "ruled out" in beam bookkeeping; finite, as in the reference, so that sums stay ordered
@@ -324,7 +325,6 @@ def read_documents(args) -> tuple[list[str], list[dict] | None]:
             raise ValueError("the input text is empty")
         return [text], None
     if args.file.suffix == ".jsonl":  # the same reader as train.py's
-        from train import read_records
         records = read_records(args.file, ("text",))
         return [r["text"] for r in records], records
     try:

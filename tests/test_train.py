@@ -18,14 +18,13 @@ import torch
 
 from load_weights import load_model
 from tokenizer import PegasusTokenizer
+from data import read_documents, read_jsonl
 from train import (
     evaluate,
     init_model,
     main,
     make_gsg_example,
     num_gap_sentences,
-    read_documents,
-    read_jsonl,
     rouge1_f1,
     select_gap_sentences,
     split_sentences,
