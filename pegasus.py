@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- config
 
@@ -303,6 +304,7 @@ class Pegasus(nn.Module):
         # ones, but fine-tuned models may learn it, so it is loaded and applied.
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
+        self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         self.init_buffers()
         self.apply(self._init_weights)
 
@@ -344,8 +346,17 @@ class Pegasus(nn.Module):
         x = self.embed(input_ids, torch.arange(input_ids.size(1), device=input_ids.device))
         mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         for layer in self.encoder.layers:
-            x = layer(x, mask)
+            x = self.run_layer(layer, x, mask)
         return self.encoder.layer_norm(x)
+
+    def run_layer(self, layer: nn.Module, *args) -> torch.Tensor:
+        """layer(*args). With `grad_checkpoint` set, while training, the layer's activations are not kept
+        for backward but recomputed there (Chen et al. 2016, https://arxiv.org/abs/1604.06174): memory
+        for one layer instead of all, for about a third more compute. The recomputation replays the
+        same dropout masks (checkpoint saves and restores the RNG state), so gradients are unchanged."""
+        if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         # Tied output projection: the same matrix maps ids to vectors and vectors to scores.
@@ -383,8 +394,8 @@ class Pegasus(nn.Module):
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
         x = self.embed(decoder_input_ids, input_pos)
         for i, layer in enumerate(self.decoder.layers):
-            x = layer(x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
-                      None if cache is None else cache.self_kv[i], input_pos)
+            x = self.run_layer(layer, x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
+                               None if cache is None else cache.self_kv[i], input_pos)
         h = self.decoder.layer_norm(x)  # (B, T, D)
         return h if hidden else self.logits(h)
 

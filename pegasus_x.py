@@ -234,5 +234,5 @@ class PegasusX(Pegasus):
         x = torch.cat([self.encoder.embed_global.weight.expand(B, -1, -1), x], dim=1)  # (B, G+S, D)
         mask = F.pad(mask, (G, 0), value=True)  # (B, G+S)
         for layer in self.encoder.layers:
-            x = layer(x, mask)
+            x = self.run_layer(layer, x, mask)
         return self.encoder.layer_norm(x[:, G:])  # (B, S, D); the final global states are not used
