@@ -9,6 +9,7 @@ Small pure functions build such examples; one loop does GSG pre-training and fin
     python train.py --init-config '{"d_model": 64, "encoder_layers": 2, "decoder_layers": 2}' \\
         --tokenizer ../shared/pegasus/spiece.model --objective gsg --data corpus.txt --out runs/tiny
     python train.py --resume runs/ft --data train.jsonl --steps 2000    # continue to step 2000
+    torchrun --nproc_per_node 4 train.py --model google/pegasus-large --data train.jsonl --out runs/ft  # 4 GPUs
 
 Checkpoints are in the Hugging Face layout (load_weights.save_model: they load here and in
 transformers) plus `trainer_state.pt` (step, optimizer state, RNG, loss history) for --resume.
