@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import UnionType
@@ -228,7 +229,9 @@ def setup_distributed(device: str) -> tuple[int, int, int, str]:
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # Process 0 evaluates while the others wait in their next all-reduce: allow a long evaluation
+    # (the default timeout is 10 minutes for NCCL).
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
     return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
@@ -331,8 +334,8 @@ class ExampleStream:
             return item
         # Only the first max_source_len words can fit in the input (a word is at least one token): pick
         # gap sentences among those, as the original's max_total_words cut does (and Seq stays cheap).
-        doc = " ".join(item.split()[: self.cfg.max_source_len])
         c = self.cfg
+        doc = " ".join(item.split()[: c.max_source_len])
         return make_gsg_example(doc, c.gsg_ratio, c.gsg_strategy, c.mlm_prob, seed=c.seed * 1_000_000_007 + p)
 
 
@@ -340,7 +343,7 @@ def global_batch(cfg: TrainConfig, world: int) -> int:
     return world * cfg.batch_size * cfg.grad_accum
 
 
-def my_micro_batches(stream: ExampleStream, start: int, cfg: TrainConfig, rank: int, world: int) -> list[list]:
+def my_micro_batches(stream: ExampleStream, start: int, cfg: TrainConfig, rank: int) -> list[list]:
     """This process's share of the global batch at stream positions start .. start + G - 1: process r
     takes the r-th contiguous slice of G / world examples, cut into grad_accum micro-batches. So the
     micro-batches of all processes, in rank order, are exactly those one process would see with
@@ -470,7 +473,7 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, **overrides
     while run.step < cfg.steps:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(run.step, cfg.lr, cfg.warmup_steps)
-        batches = my_micro_batches(stream, run.examples_seen, cfg, rank, world)
+        batches = my_micro_batches(stream, run.examples_seen, cfg, rank)
         run.loss_history.append(train_step(net, optimizer, batches, tokenizer, cfg, device))
         run.step, run.examples_seen = run.step + 1, run.examples_seen + global_batch(cfg, world)
         recent = run.loss_history[-20:]  # the running loss: mean of the last 20 steps
