@@ -115,6 +115,8 @@ def test_resume_with_fewer_processes_continues_the_schedule(ddp_run, tokenizer, 
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     torch.manual_seed(123)  # the fresh weights are replaced by the checkpoint's
     model = init_model(TINY)
+    with pytest.raises(ValueError, match="global batch of 4 examples is not a multiple of 1 process"):
+        train(model, tokenizer, DATA, out_dir=tmp_path, resume=tmp_path, steps=3, **(RUN | {"batch_size": 3}))
     # Asked for grad_accum 2 with 1 process, it keeps the run's global batch of 4: grad_accum 4.
     history = train(model, tokenizer, DATA, out_dir=tmp_path, resume=tmp_path, steps=3, grad_accum=2, **RUN)
     single, expected = reference(tokenizer, steps=3)

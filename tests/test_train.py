@@ -339,6 +339,9 @@ def test_command_line_is_generated_from_train_config():
         (7, 0.5, True, "seq-uniq", "x", False, "v.jsonl")
     with pytest.raises(SystemExit):  # choices come from the Literal type
         parser.parse_args(["--objective", "mlm"])
+    with pytest.raises(SystemExit) as e:  # where to start from: exactly one of three
+        main(["--model", "m", "--resume", "r", "--data", "d.jsonl"])
+    assert e.value.code == 2
 
 
 def test_config_object_and_keyword_overrides_agree(tokenizer):
