@@ -465,8 +465,8 @@ def train(model, tokenizer, data, config: TrainConfig | None = None, **overrides
     model.grad_checkpoint = cfg.grad_checkpoint
     model.train()
     net = WithLoss(model, cfg.label_smoothing)
-    if dist.is_initialized():  # starts by copying process 0's weights to all
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    if dist.is_initialized():  # starts by copying process 0's weights (and buffers) to all
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     stream = ExampleStream(data, cfg)
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not cfg.progress or rank != 0, desc=cfg.objective,
                dynamic_ncols=True)
