@@ -121,7 +121,9 @@ def test_resume_with_fewer_processes_continues_the_schedule(ddp_run, tokenizer, 
     history = train(model, tokenizer, DATA, out_dir=tmp_path, resume=tmp_path, steps=3, grad_accum=2, **RUN)
     single, expected = reference(tokenizer, steps=3)
     assert history == pytest.approx(expected, rel=1e-5)
-    assert max_difference(model, single) <= 1e-5
+    diff = max_difference(model, single)
+    print(f"max |resumed 2->1 processes - single-process| after 3 steps: {diff:.3g}")
+    assert diff <= 1e-5
     state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
     assert (state["step"], state["examples_seen"], state["global_batch"], state["world_size"]) == (3, 12, 4, 1)
 
@@ -142,4 +144,6 @@ def test_resume_with_more_processes_and_grad_checkpointing(tokenizer, tmp_path):
     assert state["loss_history"][:1] == first
     assert state["loss_history"] == pytest.approx(expected, rel=1e-5)
     assert (state["step"], state["examples_seen"], state["global_batch"], state["world_size"]) == (2, 8, 4, 2)
-    assert max_difference(load_model(tmp_path)[0], single) <= 1e-5
+    diff = max_difference(load_model(tmp_path)[0], single)
+    print(f"max |resumed 1->2 processes - single-process| after 2 steps: {diff:.3g}")
+    assert diff <= 1e-5
