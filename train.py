@@ -95,6 +95,11 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
     The ablations (section 6.1, figure 4) found Ind-Orig best and gap sentences ratios below 50% best;
     the paper uses 30%, the default. The released "Mixed & Stochastic" checkpoints draw the ratio from
     15-45% per document and add 20% noise to the scores (the authors' README; pegasus_params.py).
+
+    Scores and ties are the original's (rouge1_f1; tests/test_gsg_ties.py checks them against a
+    transcription of the C++). Not reproduced: for seq-*, the original first keeps only the first
+    max(max_input_len / 20, max_target_len / ratio / 20) sentences (MaxNumSentences in
+    pretrain_parsing_ops.cc; 42 at 512/256 tokens and GSR 0.3), still scoring against the whole text.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
