@@ -60,9 +60,12 @@ def rouge1_f1(a_tokens, b_tokens, unique: bool = False) -> float:
     Why float32, step by step: the overlap o is an exact count; precision and recall are o/|a| and
     o/|b| divided in double and rounded to float32; F1 = (2*p*r)/(p+r) is then computed in float32.
     Exact ties are common (within a document, F1 = 2o/(|s| + |rest|) = 2o/|document| for Ind), and
-    the original's tie rule decides them only if equal fractions give equal floats. In float64 they
-    need not: 2/42 reached two ways is 0.04761904761904762 or 0.047619047619047616, and rounding
-    noise, not the rule, picks the sentence. (Returned as a Python float holding the float32 value.)
+    the same fraction reached from different sentence lengths can round to different floats, in
+    float32 as in float64, but not to the same ones: 4/42 from 4 + 38 words and from 5 + 37 is one
+    float32 (so the tie rule picks the later sentence) but two float64s (0.09523809523809525 and
+    ...523, so float64 would pick the earlier). The original's choices are what its float32 gives,
+    the tie rule deciding where the floats are equal; only the same arithmetic reproduces them.
+    (Returned as a Python float holding the float32 value.)
     """
     a, b = +Counter(a_tokens), +Counter(b_tokens)  # unary + drops zero counts left by subtraction
     if unique:
