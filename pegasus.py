@@ -50,6 +50,9 @@ class PegasusConfig:
     init_std: float = 0.02  # std of the normal init for fresh (untrained) weights
     tie_word_embeddings: bool = True  # output projection = token embedding (all published models)
     model_type: str = "pegasus"  # "pegasus" or "pegasus_x"; load_weights.py dispatches on it
+    # Sinusoid frequencies: "reference" (the reference library's) or "original" (the TF code's, as the
+    # checkpoints were trained); see sinusoids. PEGASUS-X ignores it: it always uses the original.
+    position_formula: str = "reference"
 
     @classmethod
     def from_dict(cls, d: dict) -> "PegasusConfig":
@@ -80,20 +83,38 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu,
 # ----------------------------------------------------------------------------- positions
 
 
-def sinusoids(n_positions: int, dim: int) -> torch.Tensor:
+def sinusoids(n_positions: int, dim: int, formula: str = "reference") -> torch.Tensor:
     """The fixed PEGASUS position table, (n_positions, dim).
 
     The layout follows the original PEGASUS/tensor2tensor code: all sines first, then all cosines
-    [sin(p*w_0) .. sin(p*w_{d/2-1}) | cos(p*w_0) .. cos(p*w_{d/2-1})] rather than interleaving
-    sin/cos per pair as the Transformer paper does. The frequencies are the Transformer paper's,
-    w_i = 1 / 10000^(2i/dim), as in the reference library and in the position tables stored in
-    its converted checkpoints (load_weights.py checks them against this function). Note the
-    original TF code (pegasus/layers/timing.py) used w_i = 1 / 10000^(i/(dim/2 - 1)), the formula
-    PEGASUS-X kept; the published checkpoints are evaluated with this one, so we match it.
-    Computed in float64 and rounded once, as the reference does (exact at large positions).
+    [sin(p*w_0) .. sin(p*w_{N-1}) | cos(p*w_0) .. cos(p*w_{N-1})], N = dim/2, rather than
+    interleaving sin/cos per pair as the Transformer paper does. Two spacings of the frequencies:
+
+        "reference"  w_i = 10000^(-2i/dim) = 10000^(-i/N)        the reference library's port, and the
+                     tables stored in its converted checkpoints (load_weights.py checks them against it)
+        "original"   w_i = 10000^(-i/(N-1))                       the TF code the checkpoints were
+                     trained with (pegasus/layers/timing.py: exp(-i * log(1e4) / max(N-1, 1)))
+
+    "original" runs from 1 down to exactly 1/10000; "reference" stops one step short. The difference
+    grows with the position: at dim 1024 the largest phase error, p*|w_i - w'_i| (at i = 56), is
+    0.046 rad at position 64, 0.37 rad at 512 and 0.74 rad at 1024 (0.061 / 0.98 rad at 64 / 1024
+    for dim 768). The reference's converter drops the stored table and rebuilds it with its own
+    formula, so every converted checkpoint runs with positions a little off those it was trained
+    with; the default follows the reference (so its outputs are reproduced bit for bit) and
+    "original" is opt-in. PEGASUS-X (pegasus_x.py) always uses the original spacing.
+
+    Computed in float64 and rounded once, as the reference does (exact at large positions). The TF
+    code computed in float32; its table differs from the exact one by at most 1e-4 at dim 1024 up
+    to position 1024, far below the 0.74 rad above.
     """
     half = dim // 2 + dim % 2  # sines get the extra slot when dim is odd
-    inv_freq = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / dim)  # (half,)
+    i = torch.arange(half, dtype=torch.float64)  # (half,)
+    if formula == "reference":
+        inv_freq = 10000.0 ** (-2.0 * i / dim)  # (half,)
+    elif formula == "original":
+        inv_freq = 10000.0 ** (-i / max(dim // 2 - 1, 1))  # (half,); max(., 1) as timing.py, for dim 2
+    else:
+        raise ValueError(f"unknown position formula {formula!r}; use 'reference' or 'original'")
     angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]  # (P, half)
     return torch.cat([angles.sin(), angles[:, : dim // 2].cos()], dim=-1).float()  # (P, dim)
 
@@ -314,8 +335,9 @@ class Pegasus(nn.Module):
 
     def init_buffers(self):
         """Buffers that are computed, not loaded (called again after loading on the meta device)."""
-        self.register_buffer("embed_positions", sinusoids(self.config.max_position_embeddings, self.config.d_model),
-                             persistent=False)  # (P, D)
+        cfg = self.config
+        table = sinusoids(cfg.max_position_embeddings, cfg.d_model, cfg.position_formula)  # (P, D)
+        self.register_buffer("embed_positions", table, persistent=False)
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):

@@ -165,3 +165,11 @@ class PegasusTokenizer:
     def batch_decode(self, batch, skip_special_tokens: bool = True) -> list[str]:
         """decode() each row of a list of id lists or of a 2-D tensor."""
         return [self.decode(row, skip_special_tokens) for row in batch]
+
+
+def n_to_newline(text: str) -> str:
+    """Show the "<n>" pieces of a decoded summary as line breaks, as the original pipeline's decode
+    did (pegasus/ops/public_parsing_ops.py: regex_replace(text, "<n>", "\\n")); the spaces the
+    pieces leave around them go too. pegasus-cnn_dailymail and the Mixed & Stochastic checkpoints
+    write "<n>" between summary sentences when decoded without newline_to_n (the reference's way)."""
+    return re.sub(r" *<n> *", "\n", text)

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Literal, get_args, get_origin
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -48,21 +49,43 @@ STRATEGIES = ("ind-orig", "ind-uniq", "seq-orig", "seq-uniq", "lead", "random")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Cut after runs of . ! ? followed by whitespace, as the original (parsing_utils.cc): crude, "e.g. x" splits."""
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+    """Cut after runs of . ! ? followed by whitespace, as the original (SentenceSegment in
+    pegasus/ops/parsing_utils.cc): crude, "e.g. x" splits. Whitespace is ASCII only, as std::regex's
+    \\s on bytes is (Python's \\s would also cut at a no-break space)."""
+    return [s for s in re.split(r"(?<=[.!?])[ \t\n\v\f\r]+", text.strip(" \t\n\v\f\r")) if s]
+
+
+def rouge_tokens(text: str) -> Counter:
+    """ROUGE-1 counts as the original makes them (PrecomputeSentenceData, pegasus/ops/rouge.cc): ASCII
+    letters lowercased, runs of a-z and 0-9 are words, everything else (any non-ASCII too) separates."""
+    return Counter(w.lower() for w in re.findall(r"[A-Za-z0-9]+", text))
 
 
 def rouge1_f1(a_tokens, b_tokens, unique: bool = False) -> float:
-    """ROUGE-1 F1 of two token lists (or Counters), symmetric. The paper's "Orig" counts repeated words as
-    often as they occur (clipped overlap, as in standard ROUGE); "Uniq" counts each distinct word once."""
+    """ROUGE-1 F1 of two token lists (or Counters), symmetric, with the original's arithmetic
+    (ComputeRougeFromCandidateCounts in pegasus/ops/rouge.cc). The paper's "Orig" counts repeated words
+    as often as they occur (clipped overlap, the "standard" option); "Uniq" counts each distinct word
+    once (the "deduplicate" option).
+
+    Why float32, step by step: the overlap o is an exact count; precision and recall are o/|a| and
+    o/|b| divided in double and rounded to float32; F1 = (2*p*r)/(p+r) is then computed in float32.
+    Exact ties are common (within a document, F1 = 2o/(|s| + |rest|) = 2o/|document| for Ind), and
+    the same fraction reached from different sentence lengths can round to different floats, in
+    float32 as in float64, but not to the same ones: 4/42 from 4 + 38 words and from 5 + 37 is one
+    float32 (so the tie rule picks the later sentence) but two float64s (0.09523809523809525 and
+    ...523, so float64 would pick the earlier). The original's choices are what its float32 gives,
+    the tie rule deciding where the floats are equal; only the same arithmetic reproduces them.
+    (Returned as a Python float holding the float32 value.)
+    """
     a, b = +Counter(a_tokens), +Counter(b_tokens)  # unary + drops zero counts left by subtraction
     if unique:
         a, b = Counter(a.keys()), Counter(b.keys())
     overlap = sum((a & b).values())
     if overlap == 0:
         return 0.0
-    precision, recall = overlap / sum(a.values()), overlap / sum(b.values())
-    return 2 * precision * recall / (precision + recall)
+    f32 = np.float32
+    precision, recall = f32(overlap / sum(a.values())), f32(overlap / sum(b.values()))  # double /, then float
+    return float(f32(2) * precision * recall / (precision + recall))  # all float32 from here
 
 
 def num_gap_sentences(n: int, ratio: float) -> int:
@@ -85,6 +108,11 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
     The ablations (section 6.1, figure 4) found Ind-Orig best and gap sentences ratios below 50% best;
     the paper uses 30%, the default. The released "Mixed & Stochastic" checkpoints draw the ratio from
     15-45% per document and add 20% noise to the scores (the authors' README; pegasus_params.py).
+
+    Scores and ties are the original's (rouge1_f1; tests/test_gsg_ties.py checks them against a
+    transcription of the C++). Not reproduced: for seq-*, the original first keeps only the first
+    max(max_input_len / 20, max_target_len / ratio / 20) sentences (MaxNumSentences in
+    pretrain_parsing_ops.cc; 42 at 512/256 tokens and GSR 0.3), still scoring against the whole text.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -97,19 +125,27 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
     if strategy == "random":
         return sorted(random.Random(seed).sample(range(n), m))
     unique = strategy.endswith("uniq")
-    # ROUGE tokens as the original makes them (pegasus/ops/rouge.cc): lowercased runs of a-z and 0-9.
-    counts = [Counter(re.findall(r"[a-z0-9]+", s.lower())) for s in sentences]
-    total = sum(counts, Counter())
+    counts = [rouge_tokens(s) for s in sentences]
+    total = sum(counts, Counter())  # the whole document's words: the sentences cover them all
     if strategy.startswith("ind"):
+        # GetSentenceIndicesByRouge (pegasus/ops/sentence_selection.cc): each sentence scored against
+        # the rest of the document, pairs (score, index) sorted with std::greater, so on equal
+        # (float32) scores the LATER sentence ranks first; the top m are taken.
         scores = [rouge1_f1(c, total - c, unique) for c in counts]
-        # Sorted by (score, index), highest first, as the original's std::sort with std::greater:
-        # on equal scores the later sentence wins.
         ranked = sorted(range(n), key=lambda i: (scores[i], i), reverse=True)
         return sorted(ranked[:m])
+    # GetSentenceIndicesByGreedyRouge: each round scans the unselected sentences in order and keeps
+    # the one maximising F1(selected + s, remaining - s), replacing the best on `score >= best`, so
+    # again the LAST of equal scores wins.
     chosen, selected = [], Counter()
     for _ in range(m):
-        rest = [i for i in range(n) if i not in chosen]
-        best = max(rest, key=lambda i: (rouge1_f1(selected + counts[i], total - selected - counts[i], unique), i))
+        best, best_score = -1, -1.0
+        for i in range(n):
+            if i in chosen:
+                continue
+            score = rouge1_f1(selected + counts[i], total - selected - counts[i], unique)
+            if score >= best_score:
+                best, best_score = i, score
         chosen.append(best)
         selected += counts[best]
     return sorted(chosen)

@@ -92,7 +92,7 @@ def test_rouge1_f1_matches_rouge_score_package():
         for y in texts[::2]:
             expected = scorer.score(x, y)["rouge1"].fmeasure
             assert rouge1_f1(re.findall(r"[a-z0-9]+", x.lower()), re.findall(r"[a-z0-9]+", y.lower())) == \
-                pytest.approx(expected, abs=1e-12)
+                pytest.approx(expected, rel=1e-6)  # float32, as the original (test_gsg_ties.py)
 
 
 @pytest.mark.parametrize("n, ratio, expected", [(10, 0.3, 3), (7, 0.3, 2), (20, 0.3, 6), (3, 0.3, 1), (1, 0.3, 1),
