@@ -101,7 +101,7 @@ def test_long_input_is_truncated_with_a_note(checkpoint):
 
 
 @pytest.mark.parametrize("args, stdin, status, message", [
-    (["--model", "nobody/no-such-pegasus", "Some text."], "", 1, "could not download"),
+    (["--model", "nobody/no-such-pegasus", "Some text."], "", 1, "not in the Hugging Face cache"),
     (["--model", "{ckpt}", ""], "", 2, "the input text is empty"),
     (["--model", "{ckpt}"], "  \n", 2, "the input text is empty"),
     (["--model", "{ckpt}", "--file", "{tmp}/missing.txt"], "", 2, "cannot read"),
