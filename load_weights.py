@@ -96,10 +96,10 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")) or not all(name_or_path.split("/")):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     import huggingface_hub as hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     at = f" at revision {revision!r}" if revision else ""
-    if hub.constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:
         return cached(name_or_path, revision, "HF_HUB_OFFLINE is set")
     try:
         info = hub.HfApi().model_info(name_or_path, revision=revision)
