@@ -396,8 +396,12 @@ def check_output(path: Path | None):
     parent = path.parent
     if not parent.is_dir():
         raise ValueError(f"--output {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--output {path}: directory {parent} is not writable")
+    try:  # create and remove a file there: the only test that also holds for root and read-only mounts
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write in directory {parent} ({e.strerror or e})") from None
 
 
 def write_atomically(path: Path, text: str):

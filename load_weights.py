@@ -209,6 +209,8 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
 def read_config(ckpt: Path):
     """(model class, config, raw config.json dict); a bad file gets one ValueError naming it and the field."""
     file = ckpt / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json; is it a Hugging Face checkpoint directory?")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
