@@ -12,6 +12,7 @@ copy of the weights.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def files_needed(names: set[str], where: str) -> tuple[list[str], str]:
         raise FileNotFoundError(f"{where} has no config.json; is it a Hugging Face checkpoint?")
     weights = next((w for w in WEIGHT_LAYOUTS if w in names), None)
     if weights is None:
-        raise FileNotFoundError(f"no PyTorch weights in {where} (expected one of {', '.join(WEIGHT_LAYOUTS)})")
+        raise FileNotFoundError(f"no weights in {where} (expected one of {', '.join(WEIGHT_LAYOUTS)})")
     files = ["config.json", weights]
     files += [f for f in ("generation_config.json", "tokenizer_config.json") if f in names]
     files += [f for f in ("spiece.model", "tokenizer.json") if f in names][:1]
@@ -99,7 +100,8 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
     from huggingface_hub import constants, errors
 
     at = f" at revision {revision!r}" if revision else ""
-    if constants.HF_HUB_OFFLINE:
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported; a later setting counts too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return cached(name_or_path, revision, "HF_HUB_OFFLINE is set")
     try:
         info = hub.HfApi().model_info(name_or_path, revision=revision)

@@ -257,7 +257,7 @@ BAD_CHECKPOINTS = {
     "tokenizer.json a list": (lambda c: (drop("spiece.model")(c), put("tokenizer.json", "[]")(c)),
                               "tokenizer.json is not a PEGASUS tokenizer.json"),
     "no tokenizer": (lambda c: (drop("spiece.model")(c), drop("tokenizer.json")(c)), "no spiece.model or tokenizer"),
-    "no weights": (drop("pytorch_model.bin"), "no PyTorch weights in"),
+    "no weights": (drop("pytorch_model.bin"), "no weights in"),
     "refused pickle": (put("pytorch_model.bin", refused_pickle()), "is refused as unsafe"),
     "corrupt bin": (put("pytorch_model.bin", b"PK\x03\x04 not really a zip"), "is not a valid PyTorch checkpoint"),
     "bin of a list": (put("pytorch_model.bin", torch_bytes([torch.zeros(2)])), "does not hold a state dict"),

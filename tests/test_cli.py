@@ -53,7 +53,8 @@ def cli(*args, stdin: str | None = "", env: dict | None = None):
 def test_help():
     code, out, _ = cli("--help")
     assert code == 0
-    for option in ("--model", "--revision", "--file", "--output", "--num-beams", "--max-new-tokens", "--length-penalty", "--dtype",
+    for option in ("--model", "--revision", "--file", "--output", "--num-beams", "--max-new-tokens", "--length-penalty",
+                   "--dtype",
                    "--device", "--batch-size", "--verbose", "examples:"):
         assert option in out
 
