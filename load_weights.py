@@ -139,12 +139,11 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
 
 def hub_transport_errors() -> type[Exception]:
     """The HTTP library's base error (connection refused, timeout ...), whichever one huggingface_hub uses."""
-    try:
+    try:  # huggingface_hub >= 1.0 (httpx2); older releases use requests, whose errors are OSErrors
         import httpx2
         return httpx2.TransportError
     except ImportError:
-        import httpx
-        return httpx.TransportError
+        return OSError
 
 
 def cached(repo_id: str, revision: str | None, why: str) -> Path:
