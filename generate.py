@@ -470,6 +470,11 @@ def main(argv=None) -> int:
         started, stats = time.perf_counter(), {}
         model = load(args.model, args.dtype, args.device, args.revision)
         loaded = time.perf_counter() - started
+        limit = model[0].config.max_position_embeddings  # known only now, from the checkpoint's config
+        if args.max_new_tokens is not None and args.max_new_tokens > limit:
+            print(f"error: --max-new-tokens {args.max_new_tokens} is more than {args.model} can write "
+                  f"(its {limit} positions)", file=sys.stderr)
+            return 2
         summaries = summarize(texts, model, batch_size=args.batch_size, stats=stats,
                               progress=len(texts) > args.batch_size, num_beams=args.num_beams,
                               max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)

@@ -89,6 +89,7 @@ class HubServer:
 class _Handler(BaseHTTPRequestHandler):
     hub: HubServer
     protocol_version = "HTTP/1.1"
+    timeout = 10  # seconds a connection may stay silent: a stuck client cannot hold a thread for ever
 
     def log_message(self, *args):  # quiet
         pass

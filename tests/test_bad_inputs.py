@@ -180,6 +180,13 @@ def test_output_is_written_atomically(good, tmp_path, capsys, monkeypatch):
     assert os.listdir(tmp_path) == ["out.txt"]  # no temporary file left behind
 
 
+def test_max_new_tokens_beyond_the_positions(good, capsys, monkeypatch):
+    """Only the checkpoint knows its positions: checked right after loading, before any decoding."""
+    monkeypatch.setattr(generate, "summarize", lambda *a, **k: pytest.fail("decoding started"))
+    code, out, err = run(["--model", good, "--max-new-tokens", "65", "text"], capsys, monkeypatch, load_ok=True)
+    assert (code, out) == (2, "") and one_line(err) and "--max-new-tokens 65 is more than" in err
+
+
 def test_tiny_checkpoint_summarizes_end_to_end(good, capsys, monkeypatch):
     """The good checkpoint really runs through the CLI (the failures below are not about the setup)."""
     code, out, err = run(["--model", good, "--num-beams", "1", "Some text."], capsys, monkeypatch, load_ok=True)

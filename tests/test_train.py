@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import read_documents, read_jsonl
 from load_weights import load_model
 from tokenizer import PegasusTokenizer
-from data import read_documents, read_jsonl
 from train import (
     evaluate,
     init_model,
