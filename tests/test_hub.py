@@ -207,3 +207,17 @@ def test_cli_revision_and_missing_repository(hub):
     assert (code, out) == (1, "")
     assert err == ("error: nobody/no-such-pegasus: no such model repository on the hub (if it is private, "
                    "set HF_TOKEN)\n")
+
+
+@pytest.mark.parametrize("repo, weights", [
+    ("old/legacy-bin", {"pytorch_model.bin"}),
+    ("big/sharded-bin", {"pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin",
+                         "pytorch_model-00002-of-00002.bin"}),
+    ("new/both", {"model.safetensors"}),
+    ("google/pegasus-x-tiny", {"model.safetensors"}),
+])
+def test_cli_weight_layouts(hub, repo, weights):
+    code, out, err = cli(hub, "--model", repo, "--num-beams", "1", "The council voted to close the old bridge.")
+    assert code == 0 and len(out.splitlines()) == 1, err
+    assert hub.fetched(repo) == BIN_FILES - {"pytorch_model.bin"} | weights
+    assert not hub.asked(repo) & (NEVER | ({"pytorch_model.bin"} - weights))
