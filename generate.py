@@ -501,4 +501,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; --output was not touched (written only at the end)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -254,6 +254,8 @@ BAD_CHECKPOINTS = {
     "eos beyond vocab": (edit_config(eos_token_id=10**6), "field 'eos_token_id' = 1000000 is not a token id"),
     "unknown activation": (edit_config(activation_function="swishy"), "'swishy' is not one of"),
     "unknown model type": (edit_config(model_type="bart"), "only 'pegasus' and 'pegasus_x' can be loaded"),
+    "odd PEGASUS-X blocks": (edit_config(model_type="pegasus_x", block_size=7),
+                             "config.json: block_size must be a positive even number"),
     "no config": (drop("config.json"), "has no config.json"),
     "generation config not JSON": (put("generation_config.json", "{"), "generation_config.json is not valid JSON"),
     "tokenizer config not JSON": (put("tokenizer_config.json", "nope"), "tokenizer_config.json is not a valid"),
