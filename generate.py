@@ -13,8 +13,11 @@ token for token, including two of its quirks, which are pointed out where they h
 
 import argparse
 import json
+import math
+import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,15 +265,15 @@ def check(s: Settings, input_ids, attention_mask, n_positions: int):
 _LOADED = {}  # (name, dtype, device) -> (model, tokenizer): summarize() loads each checkpoint once
 
 
-def load(name_or_path, dtype="float32", device="cpu"):
+def load(name_or_path, dtype="float32", device="cpu", revision=None):
     """(model, tokenizer) from a hub id or a checkpoint directory, cached for this process; float32
     on CPU runs its matmuls through oneDNN (use_onednn)."""
     from load_weights import load_model
 
-    key = (str(name_or_path), str(dtype), str(device))
+    key = (str(name_or_path), str(dtype), str(device), revision)
     if key not in _LOADED:
         # Not memory-mapped: use_onednn then frees each original weight as it converts it.
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False)
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision)
         _LOADED[key] = use_onednn(model), tokenizer
     return _LOADED[key]
 
@@ -311,44 +314,131 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
 
 
 # ----------------------------------------------------------------------------- command line
+# Every problem with what was asked is found before the model is loaded and gets one line naming the
+# flag or file: exit status 2 for a bad request, 1 for a bad checkpoint. The output file is written
+# only at the end, atomically, so an error never leaves a partial one.
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
 def read_documents(args) -> tuple[list[str], list[dict] | None]:
-    """The texts to summarize, and for .jsonl input the records they came from."""
+    """The texts to summarize, and for JSON-lines input the records they came from.
+
+    --file: a .jsonl (or .json) file holds one JSON object with a "text" field per line; any other
+    file is ONE document (a .txt article with several paragraphs gives one summary)."""
     if args.text is not None and args.file is not None:
         raise ValueError("give the text as an argument or with --file, not both")
     if args.file is None:
         if args.text is None and sys.stdin.isatty():
             raise ValueError("no input: pass the text as an argument, use --file, or pipe it on standard input")
-        text = sys.stdin.read() if args.text is None else args.text
+        if args.text is None:
+            text = decode_utf8(sys.stdin.buffer.read(), "standard input")
+        else:
+            text = args.text
+            try:  # undecodable bytes in argv arrive as lone surrogates (PEP 383)
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("the text argument is not valid UTF-8") from None
         if not text.strip():
             raise ValueError("the input text is empty")
         return [text], None
-    if args.file.suffix == ".jsonl":  # the same reader as train.py's
-        records = read_records(args.file, ("text",))
+    if args.file.suffix in (".jsonl", ".json"):  # the same reader as train.py's
+        try:
+            records = read_records(args.file, ("text",))
+        except ValueError as e:
+            if args.file.suffix == ".json":  # perhaps one JSON document rather than JSON lines
+                raise ValueError(f"{e} (a .json --file is read as JSON lines: one object with a 'text' field "
+                                 f"per line)") from None
+            raise
         return [r["text"] for r in records], records
+    if not args.file.is_file():
+        raise ValueError(f"cannot read --file {args.file}: {'a directory' if args.file.is_dir() else 'no such file'}")
     try:
-        texts = [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {args.file}: {getattr(e, 'strerror', None) or e}") from None
-    if not texts:
-        raise ValueError(f"{args.file} contains no documents")
-    return texts, None
+        text = decode_utf8(args.file.read_bytes(), f"--file {args.file}")
+    except OSError as e:
+        raise ValueError(f"cannot read --file {args.file}: {e.strerror or e}") from None
+    if not text.strip():
+        raise ValueError(f"--file {args.file} contains no text")
+    return [text], None
+
+
+def check_device(device: str, dtype: str):
+    """Refuse a device this machine does not have, before anything is loaded."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: no Apple MPS GPU is available")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device}: only cpu, cuda and mps are supported")
+    if dtype == "float16" and dev.type == "cpu":
+        raise ValueError("float16 is not supported on CPU; use --dtype float32 or bfloat16, or a GPU")
+
+
+def check_output(path: Path | None):
+    """--output must be a file we can create: checked now, not after all the summarizing."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {path}: directory {parent} does not exist")
+    try:  # create and remove a file there: the only test that also holds for root and read-only mounts
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--output {path}: cannot write in directory {parent} ({e.strerror or e})") from None
+
+
+def write_atomically(path: Path, text: str):
+    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (not the usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         description="Summarize text with PEGASUS. The text comes from the argument, --file, or standard input.",
         epilog="examples:\n"
                '  python generate.py "The city council voted on Tuesday to ..."\n'
                "  cat article.txt | python generate.py --model google/pegasus-cnn_dailymail\n"
+               "  python generate.py --file article.txt                # the whole file is one document\n"
                "  python generate.py --file articles.jsonl --output summaries.jsonl --num-beams 4 --verbose",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="?", help="the document to summarize")
     add = p.add_argument
     add("--model", metavar="NAME", default="google/pegasus-xsum", help="hub id or checkpoint directory (%(default)s)")
-    add("--file", metavar="PATH", type=Path, help="documents: .txt with one per line, or .jsonl with a 'text' field "
-                                                   "per line (written back with a 'summary' field)")
+    add("--revision", metavar="REV", help="hub branch, tag or commit to load (default: main)")
+    add("--file", metavar="PATH", type=Path, help="documents: a .jsonl (or .json) file with one JSON object with a "
+                                                   "'text' field per line (written back with a 'summary' field); "
+                                                   "any other file (.txt ...) is ONE document")
     add("--output", metavar="PATH", type=Path, help="write the summaries here instead of standard output")
     add("--num-beams", metavar="N", type=int, help="beam width (default: the checkpoint's, 8 for the published ones)")
     add("--max-new-tokens", metavar="N", type=int, help="longest summary in tokens (default: the checkpoint's)")
@@ -361,20 +451,30 @@ def main(argv=None) -> int:
     add("--verbose", action="store_true", help="print load time, speed and peak memory to stderr")
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2
-        if args.dtype == "float16" and args.device == "cpu":
-            raise ValueError("float16 is not supported on CPU; use --dtype float32 or bfloat16, or a GPU")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is available")
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be at least 1")
+        for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens),
+                            ("--batch-size", args.batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1 (got {value})")
+        if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+            raise ValueError(f"--length-penalty must be a finite number (got {args.length_penalty})")
+        if args.revision is not None and (not args.revision.strip() or Path(args.model).expanduser().exists()):
+            raise ValueError(f"--revision {args.revision!r} needs a hub id as --model, not a local directory"
+                             if args.revision.strip() else "--revision is empty")
+        check_device(args.device, args.dtype)
+        check_output(args.output)
         texts, records = read_documents(args)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:  # problems with the model: exit status 1
         started, stats = time.perf_counter(), {}
-        model = load(args.model, args.dtype, args.device)
+        model = load(args.model, args.dtype, args.device, args.revision)
         loaded = time.perf_counter() - started
+        limit = model[0].config.max_position_embeddings  # known only now, from the checkpoint's config
+        if args.max_new_tokens is not None and args.max_new_tokens > limit:
+            print(f"error: --max-new-tokens {args.max_new_tokens} is more than {args.model} can write "
+                  f"(its {limit} positions)", file=sys.stderr)
+            return 2
         summaries = summarize(texts, model, batch_size=args.batch_size, stats=stats,
                               progress=len(texts) > args.batch_size, num_beams=args.num_beams,
                               max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
@@ -384,7 +484,11 @@ def main(argv=None) -> int:
     if records is not None:
         summaries = [json.dumps(r | {"summary": s}, ensure_ascii=False) for r, s in zip(records, summaries)]
     if args.output is not None:
-        args.output.write_text("".join(line + "\n" for line in summaries), encoding="utf-8")
+        try:
+            write_atomically(args.output, "".join(line + "\n" for line in summaries))
+        except OSError as e:
+            print(f"error: cannot write --output {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 2
     else:
         print("\n".join(summaries))
     if args.verbose:
@@ -397,4 +501,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; --output was not touched (written only at the end)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -12,11 +12,12 @@ copy of the weights.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from pegasus import Pegasus, PegasusConfig, sinusoids
+from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
 from tokenizer import PegasusTokenizer
 
 # Keys the reference stores but we derive: tied copies of `shared` and the fixed position tables.
@@ -26,8 +27,10 @@ GENERATION_KEYS = ("num_beams", "length_penalty", "max_length", "min_length", "n
                    "early_stopping", "forced_eos_token_id", "decoder_start_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "spiece.model", "tokenizer.json", "tokenizer_config.json"]
+# The weight layouts a repository may have, in the order transformers prefers them. Only these are
+# ever fetched: never tf_model.h5, flax_model.msgpack, rust_model.ot, ONNX or other frameworks' files.
+WEIGHT_LAYOUTS = ("model.safetensors", "model.safetensors.index.json",
+                  "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def model_class(model_type: str):
@@ -47,27 +50,139 @@ def parse_dtype(dtype) -> torch.dtype:
     raise ValueError(f"unsupported dtype {dtype!r}; use one of float32, bfloat16, float16")
 
 
-def resolve(name_or_path: str) -> Path:
-    """A local directory, or a hub id fetched into (or read from) the standard hub cache."""
+def files_needed(names: set[str], where: str) -> tuple[list[str], str]:
+    """From the file names a checkpoint has: (the files to read besides shards, the weight file or
+    shard index among them). The tokenizer is spiece.model, else tokenizer.json (what
+    PegasusTokenizer.from_pretrained reads), plus tokenizer_config.json for model_max_length."""
+    if "config.json" not in names:
+        raise FileNotFoundError(f"{where} has no config.json; is it a Hugging Face checkpoint?")
+    weights = next((w for w in WEIGHT_LAYOUTS if w in names), None)
+    if weights is None:
+        raise FileNotFoundError(f"no weights in {where} (expected one of {', '.join(WEIGHT_LAYOUTS)})")
+    files = ["config.json", weights]
+    files += [f for f in ("generation_config.json", "tokenizer_config.json") if f in names]
+    files += [f for f in ("spiece.model", "tokenizer.json") if f in names][:1]
+    return files, weights
+
+
+def shard_files(index: Path) -> list[str]:
+    """The shard files a `*.index.json` names (its weight_map values), checked to be plain names."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        raise ValueError(f"{index} is not a valid shard index (a JSON object with a weight_map)") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map (tensor name -> shard file); it is not a valid shard index")
+    shards = sorted(set(weight_map.values()))
+    bad = [f for f in shards if Path(f).name != f or f in (".", "..")]
+    if bad:
+        raise ValueError(f"{index} names shard {bad[0]!r}, which is not a file name in the checkpoint directory")
+    return shards
+
+
+def resolve(name_or_path: str, revision: str | None = None) -> Path:
+    """A local directory, or a hub id fetched into (or read from) the standard hub cache.
+
+    For a hub id we ask the hub once which files the repository has (at `revision`, default main),
+    then download exactly the ones load_model reads. Without a connection, or with HF_HUB_OFFLINE=1,
+    a complete cached copy is used without any network call. HF_TOKEN is sent when set (private and
+    gated repositories), as huggingface_hub does."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is a file; pass the checkpoint directory that contains config.json")
+        if revision is not None:
+            raise ValueError(f"revision {revision!r} applies to hub ids, not to the local directory {path}")
         return path
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")) or not all(name_or_path.split("/")):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
-    from huggingface_hub import snapshot_download  # shows tqdm progress bars while downloading
+    import huggingface_hub as hub
+    from huggingface_hub import constants, errors
+
+    at = f" at revision {revision!r}" if revision else ""
+    # huggingface_hub reads HF_HUB_OFFLINE when it is imported; a later setting counts too.
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return cached(name_or_path, revision, "HF_HUB_OFFLINE is set")
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=HUB_FILES))
-    except Exception as e:
-        try:  # some older checkpoints ship only pytorch_model.bin; also covers a cached copy when offline
-            return Path(snapshot_download(name_or_path, allow_patterns=HUB_FILES + ["pytorch_model.bin"],
-                                          local_files_only=True))
-        except Exception:
-            raise FileNotFoundError(
-                f"could not download {name_or_path!r} ({type(e).__name__}) and it is not in the Hugging Face cache; "
-                f"on a machine with internet run `hf download {name_or_path}` (or copy its directory here and pass "
-                f"the path)") from None
+        info = hub.HfApi().model_info(name_or_path, revision=revision)
+    except errors.RevisionNotFoundError:
+        raise FileNotFoundError(f"{name_or_path} has no revision {revision!r} on the hub") from None
+    except errors.GatedRepoError:
+        raise PermissionError(f"{name_or_path} is gated: accept its terms on the hub and set HF_TOKEN") from None
+    except errors.RepositoryNotFoundError:
+        raise FileNotFoundError(f"{name_or_path}: no such model repository on the hub (if it is private, set "
+                                f"HF_TOKEN)") from None
+    except (errors.HfHubHTTPError, errors.OfflineModeIsEnabled, OSError, hub_transport_errors()) as e:
+        return cached(name_or_path, revision, f"the hub could not be reached: {type(e).__name__}")
+    names = {s.rfilename for s in info.siblings or []}
+    files, weights = files_needed(names, f"{name_or_path}{at}")
+
+    def fetch(f: str) -> Path:
+        try:  # revision as the user gave it, so the cache records it (refs/) for offline use later
+            return Path(hub.hf_hub_download(name_or_path, f, revision=revision))
+        except (errors.HfHubHTTPError, OSError, hub_transport_errors()) as e:
+            raise OSError(f"downloading {f} from {name_or_path}{at} failed: {type(e).__name__}") from None
+
+    paths = [fetch(f) for f in files]
+    snapshot = paths[0].parent
+    if weights.endswith(".index.json"):
+        shards = shard_files(snapshot / weights)
+        absent = [f for f in shards if f not in names]
+        if absent:
+            raise FileNotFoundError(f"{name_or_path}{at}: {weights} names {absent[0]}, which the repository "
+                                    f"does not have")
+        paths += [fetch(f) for f in shards]
+    if any(p.parent != snapshot for p in paths):  # the repository changed while we downloaded
+        raise OSError(f"{name_or_path} changed on the hub during the download; run the command again")
+    return snapshot
+
+
+def hub_transport_errors() -> type[Exception]:
+    """The HTTP library's base error (connection refused, timeout ...), whichever one huggingface_hub uses."""
+    try:  # huggingface_hub >= 1.0 (httpx2); older releases use requests, whose errors are OSErrors
+        import httpx2
+        return httpx2.TransportError
+    except ImportError:
+        return OSError
+
+
+def cached(repo_id: str, revision: str | None, why: str) -> Path:
+    """The cached snapshot of a hub repository, if it holds every file load_model reads; no network."""
+    from huggingface_hub import snapshot_download
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # huggingface_hub raises several kinds here; all mean "not in the cache"
+        raise FileNotFoundError(f"{repo_id} is not in the Hugging Face cache and {why}; on a machine with internet run "
+                                f"`hf download {repo_id}` (or copy its directory here and pass the path)") from None
+    names = {p.name for p in snapshot.iterdir()}
+    files, weights = files_needed(names, f"the cached copy of {repo_id} ({snapshot})")
+    if weights.endswith(".index.json"):
+        files += shard_files(snapshot / weights)
+    absent = [f for f in files if not (snapshot / f).is_file()]
+    if absent:
+        raise FileNotFoundError(f"the cached copy of {repo_id} is incomplete (no {absent[0]}) and {why}")
+    return snapshot
+
+
+def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict. weights_only=True refuses pickles that would run arbitrary code.
+    Files from torch < 1.6 are not zip archives and cannot be memory-mapped: read those whole."""
+    import pickle
+    import zipfile
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise ValueError(f"{file} is refused as unsafe: it holds Python objects other than tensors, which "
+                             f"loading would have to execute") from None
+        raise ValueError(f"{file} is not a valid PyTorch checkpoint (corrupt or truncated?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a valid PyTorch checkpoint (corrupt or truncated?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    return state
 
 
 def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
@@ -75,20 +190,16 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     memory, where each tensor can be freed on its own (what onednn.use_onednn needs)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    index = ckpt / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (ckpt / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    elif (ckpt / "pytorch_model.bin").exists():  # legacy pickle: weights_only refuses arbitrary code
-        return torch.load(ckpt / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=mmap)
-    else:
-        raise FileNotFoundError(f"no weights in {ckpt} (expected model.safetensors, "
-                                f"model.safetensors.index.json or pytorch_model.bin)")
+    _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
+    files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
+    for f in files:
+        if not (ckpt / f).is_file():
+            raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
     tensors = {}
     for f in files:
-        if not (ckpt / f).exists():
-            raise FileNotFoundError(f"{ckpt / f} is listed in the shard index but missing")
+        if not f.endswith(".safetensors"):
+            tensors.update(read_bin(ckpt / f, mmap))
+            continue
         try:
             tensors.update(load_file(ckpt / f, backend="mmap" if mmap else "pread"))
         except SafetensorError as e:
@@ -96,15 +207,39 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True):
-    """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum."""
-    dtype = parse_dtype(dtype)
-    ckpt = resolve(str(name_or_path))
-    if not (ckpt / "config.json").exists():
+def read_config(ckpt: Path):
+    """(model class, config, raw config.json dict); a bad file gets one ValueError naming it and the field."""
+    file = ckpt / "config.json"
+    if not file.is_file():
         raise FileNotFoundError(f"{ckpt} has no config.json; is it a Hugging Face checkpoint directory?")
-    raw = json.loads((ckpt / "config.json").read_text())
-    cls, config_cls = model_class(raw.get("model_type"))
-    config = config_cls.from_dict(raw)
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{file} is not valid JSON: {getattr(e, 'msg', e)}") from None
+    try:
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got a {type(raw).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in raw]
+        if missing:
+            raise ValueError(f"missing required field(s) {', '.join(missing)}")
+        cls, config_cls = model_class(raw.get("model_type"))
+        config = config_cls.from_dict(raw)
+        with torch.device("meta"):  # the model's own checks (e.g. PEGASUS-X block sizes), at no cost
+            cls(config)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return cls, config, raw
+
+
+def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True,
+               revision: str | None = None):
+    """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum
+    (at `revision`: a branch, tag or commit; default main). The weights may be stored in any float
+    dtype; they are converted to `dtype`."""
+    dtype = parse_dtype(dtype)
+    ckpt = resolve(str(name_or_path), revision)
+    cls, config, raw = read_config(ckpt)
+    generation = generation_config(ckpt, raw)
     if hasattr(cls, "check_dtype"):  # PEGASUS-X refuses float16 (see pegasus_x.py)
         cls.check_dtype(dtype)
     tokenizer = None
@@ -119,6 +254,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     expected = model.state_dict()  # names and shapes (meta tensors)
     state, copies = {}, {}
     for key, t in read_tensors(ckpt, mmap).items():
+        if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
+            raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
+                             f"type: this is not a weight this model can use")
         if key in TIED or key in POSITIONS:
             copies[key] = t  # derived tensors: checked below, never loaded
             continue
@@ -127,31 +265,43 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
         if t.shape != expected[name].shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(expected[name].shape)}")
+        if name == "shared.weight":
+            copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
         state[name] = t.to(device=device, dtype=dtype)
     if "final_logits_bias" in expected and "final_logits_bias" not in state:  # some exports omit it: zeros
         state["final_logits_bias"] = torch.zeros(expected["final_logits_bias"].shape, dtype=dtype, device=device)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+    shared = copies.pop("shared.weight")
     for key, t in copies.items():
-        # An untied output head or another position formula would silently give other logits.
-        ref = state["shared.weight"] if key in TIED else sinusoids(t.size(0), t.size(1)).to(device)
-        if t.shape != ref.shape or not torch.allclose(t.to(device=device, dtype=ref.dtype), ref, atol=1e-4):
+        # An untied output head or another position formula would silently give other logits. The
+        # stored copy was rounded to its stored dtype (a float16 table differs from the float32
+        # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
+        ref = shared if key in TIED or t.dim() != 2 else sinusoids(t.size(0), t.size(1))
+        coarsest = max(torch.finfo(t.dtype).eps, torch.finfo(ref.dtype).eps)
+        if t.shape != ref.shape or not torch.allclose(t.float(), ref.float(), rtol=coarsest, atol=max(coarsest, 1e-4)):
             what = "shared embedding" if key in TIED else "sinusoid table"
             raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
                              f"this checkpoint is not a standard {config.model_type}")
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers()  # the position table was built on the meta device
     model.to(device)
-    model.generation_config = generation_config(ckpt, raw)
+    model.generation_config = generation
     return model.eval(), tokenizer
 
 
 def generation_config(ckpt: Path, raw_config: dict) -> dict:
     """Decoding defaults: legacy keys in config.json, overridden by generation_config.json."""
     gen = {k: raw_config[k] for k in GENERATION_KEYS if k in raw_config}
-    if (ckpt / "generation_config.json").exists():
-        g = json.loads((ckpt / "generation_config.json").read_text())
+    file = ckpt / "generation_config.json"
+    if file.exists():
+        try:
+            g = json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON: {getattr(e, 'msg', e)}") from None
+        if not isinstance(g, dict):
+            raise ValueError(f"{file}: expected a JSON object, got a {type(g).__name__}")
         gen.update({k: g[k] for k in GENERATION_KEYS if k in g})
     return gen
 

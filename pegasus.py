@@ -56,9 +56,49 @@ class PegasusConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PegasusConfig":
-        """Build from a Hugging Face config.json dict; keys we do not use are ignored."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Build from a Hugging Face config.json dict; keys we do not use are ignored, and so is a null
+        (the reference's "not set": our default applies). Wrong types and impossible shapes raise a
+        ValueError naming the field: a "32" for d_model would otherwise fail deep inside the model."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object with the model's fields, got a {type(d).__name__}")
+        kinds = {f.name: f.type for f in fields(cls)}
+        for k, v in d.items():
+            kind = kinds.get(k)
+            if kind is None or v is None:
+                continue
+            ok = (isinstance(v, bool) if kind is bool else
+                  isinstance(v, int) and not isinstance(v, bool) if kind is int else
+                  isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) if kind is float else
+                  isinstance(v, kind))
+            if not ok:
+                raise ValueError(f"field {k!r} must be {kind.__name__}, got {v!r}")
+        config = cls(**{k: v for k, v in d.items() if k in kinds and v is not None})
+        config.check()
+        return config
+
+    def check(self):
+        """Refuse values no model can be built from (ValueError naming the field)."""
+        for k in REQUIRED_FIELDS:
+            if getattr(self, k) < 1:
+                raise ValueError(f"field {k!r} must be at least 1, got {getattr(self, k)}")
+        for k in ("encoder_attention_heads", "decoder_attention_heads"):
+            if self.d_model % getattr(self, k):
+                raise ValueError(f"d_model {self.d_model} is not divisible by {k} {getattr(self, k)}")
+        for k in ("pad_token_id", "eos_token_id", "decoder_start_token_id", "forced_eos_token_id"):
+            if not 0 <= getattr(self, k) < self.vocab_size:
+                raise ValueError(f"field {k!r} = {getattr(self, k)} is not a token id below vocab_size "
+                                 f"{self.vocab_size}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"field 'activation_function' {self.activation_function!r} is not one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        for k in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0 <= getattr(self, k) < 1:
+                raise ValueError(f"field {k!r} must be in [0, 1), got {getattr(self, k)}")
+
+
+# The shape fields: at least 1 each. Every published config.json has them (load_weights.py requires them).
+REQUIRED_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                   "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
 
 
 # The published checkpoints (from their config.json files; ../shared/configs/published.json).

@@ -57,7 +57,13 @@ class PegasusTokenizer:
         """Load a SentencePiece `spiece.model` file."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"SentencePiece model not found: {path}")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), **kw)
+        try:
+            sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError):  # sentencepiece's message is about protobuf internals
+            raise ValueError(f"{path} is not a valid SentencePiece model (empty, corrupt or truncated?)") from None
+        if sp.get_piece_size() < 3 or sp.id_to_piece(2) != "<unk>":
+            raise ValueError(f"{path}: expected <unk> at SentencePiece id 2, not the PEGASUS layout")
+        return cls(sp, **kw)
 
     @classmethod
     def from_tokenizer_json(cls, path, **kw) -> "PegasusTokenizer":
@@ -66,7 +72,15 @@ class PegasusTokenizer:
         and the "precompiled charsmap", SentencePiece's own compiled NFKC table."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer.json not found: {path}")
-        tj = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            return cls._from_tokenizer_json(path, json.loads(Path(path).read_text(encoding="utf-8")), **kw)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(str(e) if str(e).startswith(str(path)) else f"{path} is not valid JSON: {e}") from None
+        except (AttributeError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a PEGASUS tokenizer.json ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_tokenizer_json(cls, path, tj: dict, **kw) -> "PegasusTokenizer":
         model = tj.get("model", {})
         if model.get("type") != "Unigram":
             raise ValueError(f"{path}: expected a Unigram tokenizer, got {model.get('type')!r}")
@@ -98,7 +112,10 @@ class PegasusTokenizer:
         directory = Path(directory)
         config = directory / "tokenizer_config.json"
         if config.is_file() and "model_max_length" not in kw:
-            n = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
+            try:
+                n = json.loads(config.read_text(encoding="utf-8")).get("model_max_length")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                raise ValueError(f"{config} is not a valid tokenizer config (a JSON object)") from None
             kw["model_max_length"] = n if isinstance(n, int) and n < 10**9 else None  # HF: 1e30 = none
         if (directory / "spiece.model").is_file():
             return cls.from_spiece(directory / "spiece.model", **kw)

@@ -53,7 +53,8 @@ def cli(*args, stdin: str | None = "", env: dict | None = None):
 def test_help():
     code, out, _ = cli("--help")
     assert code == 0
-    for option in ("--model", "--file", "--output", "--num-beams", "--max-new-tokens", "--length-penalty", "--dtype",
+    for option in ("--model", "--revision", "--file", "--output", "--num-beams", "--max-new-tokens", "--length-penalty",
+                   "--dtype",
                    "--device", "--batch-size", "--verbose", "examples:"):
         assert option in out
 
@@ -74,14 +75,14 @@ def test_max_new_tokens_option(checkpoint):
     assert (code, out) == (0, "Summary Summary\n")  # 2 tokens, then the forced EOS
 
 
-def test_text_file_one_document_per_line(checkpoint, tmp_path):
+def test_text_file_is_one_document(checkpoint, tmp_path):
     src = tmp_path / "docs.txt"
-    src.write_text("First document.\n\nSecond document, longer than the first one.\nThird.\n")
+    src.write_text("First paragraph.\n\nSecond paragraph, longer than the first one.\nThird line.\n")
     code, out, _ = cli("--model", checkpoint, "--file", src)
-    assert (code, out) == (0, (EXPECTED + "\n") * 3)  # the blank line is not a document
+    assert (code, out) == (0, EXPECTED + "\n")  # one summary for the whole file, not one per line
     code, out, _ = cli("--model", checkpoint, "--file", src, "--output", tmp_path / "out.txt")
     assert (code, out) == (0, "")
-    assert (tmp_path / "out.txt").read_text() == (EXPECTED + "\n") * 3
+    assert (tmp_path / "out.txt").read_text() == EXPECTED + "\n"
 
 
 def test_jsonl_file_with_progress_bar(checkpoint, tmp_path):
@@ -101,7 +102,7 @@ def test_long_input_is_truncated_with_a_note(checkpoint):
 
 
 @pytest.mark.parametrize("args, stdin, status, message", [
-    (["--model", "nobody/no-such-pegasus", "Some text."], "", 1, "could not download"),
+    (["--model", "nobody/no-such-pegasus", "Some text."], "", 1, "not in the Hugging Face cache"),
     (["--model", "{ckpt}", ""], "", 2, "the input text is empty"),
     (["--model", "{ckpt}"], "  \n", 2, "the input text is empty"),
     (["--model", "{ckpt}", "--file", "{tmp}/missing.txt"], "", 2, "cannot read"),
