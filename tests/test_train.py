@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from load_weights import load_model
-from tokenizer import PegasusTokenizer
 from data import read_documents, read_jsonl
+from load_weights import load_model
 from train import (
     evaluate,
     init_model,
@@ -226,11 +225,6 @@ def test_init_config_specs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def tokenizer(spiece_model):
-    return PegasusTokenizer.from_spiece(spiece_model)
 
 
 @pytest.fixture(scope="module")
