@@ -83,11 +83,12 @@ def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
     if impl.startswith("ours"):
         from generate import generate
         from load_weights import load_model
-        from onednn import use_onednn
+        from onednn import screened_argmax, use_onednn
         model, _ = load_model(ckpt, with_tokenizer=False, mmap=impl == "ours")
-        if impl == "ours+onednn":
-            use_onednn(model)
-        run = lambda i, m, **kw: generate(model, i, m, **kw)
+        argmax = None
+        if impl == "ours+onednn":  # what the CLI uses for float32 on CPU
+            argmax = screened_argmax(use_onednn(model))
+        run = lambda i, m, **kw: generate(model, i, m, argmax=argmax, **kw)
     else:
         import transformers
         model = transformers.PegasusForConditionalGeneration.from_pretrained(ckpt).eval()

@@ -52,14 +52,15 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     if impl.startswith("ours"):
         from generate import generate
         from load_weights import load_model
-        from onednn import use_onednn
+        from onednn import screened_argmax, use_onednn
 
         model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
+        argmax = None
         if impl == "ours+onednn":  # what the CLI uses for float32 on CPU
-            use_onednn(model)
+            argmax = screened_argmax(use_onednn(model))
         encode = lambda ids, mask: model.encode(ids, mask)
         greedy = lambda ids, mask: generate(model, ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            num_beams=1)
+                                            num_beams=1, argmax=argmax)
     else:
         import transformers
 

@@ -214,16 +214,23 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
+def set_attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
+    """Run every Attention of `model` on the fused kernel (sdpa=True) or the plain math (sdpa=False);
+    with keep_weights=True (math path) each module stores its softmax weights in `.weights`. The
+    defaults are the default mode. `attention_mode` does the same for one `with` block."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.use_sdpa, m.keep_weights = sdpa, keep_weights
+
+
 @contextmanager
 def attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
-    """Run every Attention of `model` on the fused kernel (sdpa=True) or the plain math (sdpa=False)
-    inside the `with` block, and with keep_weights=True (math path) store each module's softmax
-    weights in its `.weights` (they stay readable after the block). The previous modes come back
-    on exit. The shape of Whisper's `disable_sdpa`, per model instead of process-wide."""
+    """set_attention_mode inside the `with` block, the previous modes back on exit (weights kept
+    in the block stay readable after it). The shape of Whisper's `disable_sdpa`, per model
+    instead of process-wide."""
     modules = [m for m in model.modules() if isinstance(m, Attention)]
     saved = [(m.use_sdpa, m.keep_weights) for m in modules]
-    for m in modules:
-        m.use_sdpa, m.keep_weights = sdpa, keep_weights
+    set_attention_mode(model, sdpa=sdpa, keep_weights=keep_weights)
     try:
         yield modules
     finally:
