@@ -15,7 +15,7 @@ the EPYC this project is benchmarked on; oneDNN (bundled with PyTorch) uses AVX-
 one token at a time reads every weight once per step, so it is bound by memory bandwidth, and the
 layout matters as much as the arithmetic: on that machine a plain (out, in) matrix streamed at
 ~20 GB/s through sgemm, ~36 GB/s through oneDNN, and ~60 GB/s once packed (measured in
-bench.py's setting, 1 and 8 rows per step). These are the same ops that torch.compile's CPU
+benchmarks/speed.py's setting, 1 and 8 rows per step). These are the same ops that torch.compile's CPU
 backend (inductor) emits for a frozen model: mkldnn._reorder_linear_weight, mkldnn._linear_pointwise.
 
 Load the model with load_model(..., mmap=False) first: each original weight is then freed as it is

@@ -414,7 +414,7 @@ class Pegasus(nn.Module):
         """Final decoder states (..., D) -> next-token scores (..., V): the one place they are computed."""
         # Tied output projection: the same matrix maps ids to vectors and vectors to scores.
         scores = self.shared.project(h)  # (B, T, V)
-        return scores if self.final_logits_bias is None else scores + self.final_logits_bias.to(h.dtype)
+        return scores if self.final_logits_bias is None else scores + self.final_logits_bias[0].to(h.dtype)  # (V,)
 
     def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
                input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:
