@@ -413,8 +413,10 @@ class Pegasus(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final decoder states (..., D) -> next-token scores (..., V): the one place they are computed."""
         # Tied output projection: the same matrix maps ids to vectors and vectors to scores.
-        scores = self.shared.project(h)  # (B, T, V)
-        return scores if self.final_logits_bias is None else scores + self.final_logits_bias[0].to(h.dtype)  # (V,)
+        scores = self.shared.project(h)  # (..., V)
+        if self.final_logits_bias is None:  # PEGASUS-X
+            return scores
+        return scores + self.final_logits_bias[0].to(h.dtype)  # stored (1, V) as in the checkpoints; (V,) broadcasts
 
     def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
                input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:
