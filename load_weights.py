@@ -240,8 +240,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     ckpt = resolve(str(name_or_path), revision)
     cls, config, raw = read_config(ckpt)
     generation = generation_config(ckpt, raw)
-    if hasattr(cls, "check_dtype"):  # PEGASUS-X refuses float16 (see pegasus_x.py)
-        cls.check_dtype(dtype)
+    cls.check_dtype(dtype)  # PEGASUS-X refuses float16 (see pegasus_x.py)
     tokenizer = None
     if with_tokenizer:  # read before the weights: a mismatch should fail fast
         tokenizer = PegasusTokenizer.from_pretrained(ckpt)
@@ -307,10 +306,16 @@ def generation_config(ckpt: Path, raw_config: dict) -> dict:
 
 
 def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
-    """Write `model` in the Hugging Face layout, loadable here and by transformers' from_pretrained."""
+    """Write `model` in the Hugging Face layout, loadable here and by transformers' from_pretrained.
+    Refuses (before writing anything) a model whose weights onednn.use_onednn packed: safetensors
+    cannot write oneDNN's opaque layout."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
+    state = model.state_dict()
+    if any(t.is_mkldnn for t in state.values()):
+        raise ValueError("cannot save a model with oneDNN-packed weights (onednn.use_onednn): save it before "
+                         "converting, or load the checkpoint again without use_onednn")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = asdict(model.config)
@@ -320,7 +325,7 @@ def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     # The special ids too: transformers' generate() reads them from this file, not from config.json.
     special = {k: cfg[k] for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")}
     (out / "generation_config.json").write_text(json.dumps({**special, **model.generation_config}, indent=2))
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in state.items()}
     tensors["final_logits_bias"] = tensors.pop("model.final_logits_bias", None)
     if tensors["final_logits_bias"] is None:
         del tensors["final_logits_bias"]

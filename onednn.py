@@ -1,15 +1,21 @@
 """Opt-in CPU speed-ups for float32 inference, both exact up to float32 rounding:
 - use_onednn runs every matmul through oneDNN, with its weights packed once into the blocked
   layout oneDNN's kernels read fastest;
-- ScreenedArgmax (which use_onednn attaches for greedy decoding) finds the top token without
-  reading the whole float32 output matrix every step.
+- ScreenedArgmax (screened_argmax(model) builds one; pass it as decoding's `argmax` option) finds
+  greedy decoding's top token without reading the whole float32 output matrix every step.
+
+Both are explicit seams: use_onednn swaps modules for converted ones that register their tensors
+(state_dict lists them, under the same names), and nothing is patched onto the model. A packed
+weight is an opaque oneDNN tensor that safetensors cannot write and that cannot move to another
+device or dtype, so load_weights.save_model and model.to(...) refuse a converted model with one
+line saying what to do (save or move the model before converting it).
 
 PyTorch's float32 CPU matmul is MKL's sgemm, which takes a generic code path on AMD CPUs such as
 the EPYC this project is benchmarked on; oneDNN (bundled with PyTorch) uses AVX-512 there. Decoding
 one token at a time reads every weight once per step, so it is bound by memory bandwidth, and the
 layout matters as much as the arithmetic: on that machine a plain (out, in) matrix streamed at
 ~20 GB/s through sgemm, ~36 GB/s through oneDNN, and ~60 GB/s once packed (measured in
-bench.py's setting, 1 and 8 rows per step). These are the same ops that torch.compile's CPU
+benchmarks/speed.py's setting, 1 and 8 rows per step). These are the same ops that torch.compile's CPU
 backend (inductor) emits for a frozen model: mkldnn._reorder_linear_weight, mkldnn._linear_pointwise.
 
 Load the model with load_model(..., mmap=False) first: each original weight is then freed as it is
@@ -18,10 +24,9 @@ summarize() do this for float32 on CPU; generate() itself never converts, so the
 PyTorch's default path.
 """
 
-import functools
-
 import torch
-import torch.nn.functional as F
+
+from pegasus import TiedEmbedding
 
 # Rows the packed layout is chosen for. oneDNN picks a weight layout per expected batch: for 1 row
 # it keeps a GEMV-friendly layout that streams ~1.4x slower than the blocked one it picks from ~4
@@ -30,15 +35,29 @@ import torch.nn.functional as F
 PACK_ROWS = 64
 
 
-class OneDNNLinear(torch.nn.Module):
+PACKED = "oneDNN-packed weights (onednn.use_onednn)"
+MOVE_ERROR = (f"this model has {PACKED}, which cannot change device or dtype; move the model before "
+              f"use_onednn, or load it again")
+
+
+class Packed:
+    """Mixin for converted modules: their packed tensors cannot be moved or cast, so .to(), .cuda(),
+    .half() ... refuse with one line instead of failing deep inside PyTorch or leaving them behind."""
+
+    def _apply(self, fn, recurse=True):
+        raise ValueError(MOVE_ERROR)
+
+
+class OneDNNLinear(Packed, torch.nn.Module):
     """x @ weight.T + bias through oneDNN, on a weight packed once. Same float32 math in another
     summation order, so logits move in the last bits (~1e-6); tests/test_generate.py checks that
-    it gives the same tokens."""
+    it gives the same tokens. `weight` and `bias` are registered buffers (inference only: no
+    gradients), so state_dict has the nn.Linear's names."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)  # opaque oneDNN layout
-        self.bias = None if bias is None else bias.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))  # opaque
+        self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), ordinary tensors
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
@@ -46,6 +65,23 @@ class OneDNNLinear(torch.nn.Module):
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedTiedEmbedding(Packed, TiedEmbedding):
+    """The tied embedding, whose output projection (`project`, the logits' matmul) runs through
+    oneDNN on a packed copy of the matrix. The copy is made on first use (greedy decoding with
+    ScreenedArgmax never needs it) and registered as a non-persistent buffer: state_dict keeps
+    only `weight`, which token lookups still read."""
+
+    def __init__(self, embedding: TiedEmbedding):
+        super().__init__(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                         _weight=embedding.weight.detach(), _freeze=True)  # shares the tensor, no copy
+        self.register_buffer("packed", None, persistent=False)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)  # (V, D), opaque
+        return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.packed, None, "none", [], "")  # (..., V)
 
 
 def use_onednn(model):
@@ -58,20 +94,23 @@ def use_onednn(model):
         owner, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner)
         setattr(owner, attr, OneDNNLinear(getattr(owner, attr).weight, getattr(owner, attr).bias))  # old one freed
-    bias = getattr(model, "final_logits_bias", None)  # PEGASUS-X has none
-
-    @functools.cache
-    def head() -> OneDNNLinear:  # the tied output projection, packed on first use: greedy never needs it
-        return OneDNNLinear(w, None)  # a packed copy beside the embedding, which token lookups still read
-
-    model.logits = lambda h: head()(h) if bias is None else head()(h) + bias  # shadows Pegasus.logits here
-    try:
-        screen = ScreenedArgmax(w, None if bias is None else bias[0])
-        screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
-        model.greedy_argmax = screen  # generate.Sampler uses it
-    except (AttributeError, RuntimeError, NotImplementedError):
-        pass  # greedy decoding then takes the argmax of the full logits
+    model.shared = PackedTiedEmbedding(model.shared)  # Pegasus.logits calls its `project`
     return model
+
+
+def screened_argmax(model) -> "ScreenedArgmax | None":
+    """Greedy decoding's exact argmax over the model's output projection, screened in int8 (pass it
+    as decoding's `argmax` option), or None where this PyTorch lacks the int8 kernel or its dtypes."""
+    w = model.shared.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:
+        return None
+    bias = model.final_logits_bias
+    try:
+        screen = ScreenedArgmax(w, None if bias is None else bias[0], model.logits)
+        screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None  # greedy decoding then takes the argmax of the full logits
+    return screen
 
 
 class ScreenedArgmax:
@@ -92,9 +131,10 @@ class ScreenedArgmax:
     float32 rounding of the exact rescoring.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, logits):
         E = self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
         self.bias = bias  # (V,) or None
+        self.logits = logits  # h (N, D) -> the full logits (N, V), e.g. Pegasus.logits: for nearly flat scores
         largest = torch.maximum(E.amax(1), -E.amin(1))  # (V,) max |e_ij| without an |E| copy
         self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
@@ -119,14 +159,13 @@ class ScreenedArgmax:
 
     def __call__(self, h: torch.Tensor, constrain) -> torch.Tensor:
         """h (N, D) final decoder states -> (N,) token ids. constrain(scores) bans tokens in place
-        (sets them to -inf), as generate.constrain does to full logits."""
+        (sets them to -inf), as decoding.constrain does to full logits."""
         y, bound = self.approximate(h)
         y = constrain(y)  # banned tokens -> -inf: never candidates
         best_low = (y - bound).max(dim=1, keepdim=True).values  # (N, 1): the winner's exact logit is at least this
         rows, cols = ((y + bound >= best_low) & (y > -float("inf"))).nonzero(as_tuple=True)  # (C,) candidates
         if len(cols) > self.E.size(0) // 16:  # nearly flat scores (h ~ 0): screening saves nothing, score all
-            exact = F.linear(h, self.E) if self.bias is None else F.linear(h, self.E) + self.bias  # (N, V)
-            return constrain(exact).argmax(-1)
+            return constrain(self.logits(h).float()).argmax(-1)
         exact = (h[rows] * self.E[cols]).sum(-1)  # (C,) float32 logits of the candidates only
         if self.bias is not None:
             exact += self.bias[cols]

@@ -17,6 +17,7 @@ attention, layers, model.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -159,6 +160,27 @@ def sinusoids(n_positions: int, dim: int, formula: str = "reference") -> torch.T
     return torch.cat([angles.sin(), angles[:, : dim // 2].cos()], dim=-1).float()  # (P, dim)
 
 
+# ----------------------------------------------------------------------------- masks
+# Boolean masks say which keys a query may attend to (True = may), shaped to broadcast against
+# attention scores (B, H, T, S).
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) with 1 for tokens, 0 for padding -> (B, 1, 1, S): no query attends to a padded key."""
+    return attention_mask[:, None, None, :].bool()
+
+
+def causal_mask(T: int, device) -> torch.Tensor:
+    """(T, T): query t attends to positions 0..t (teacher forcing: a token never sees its future)."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+def cache_mask(input_pos: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(T, L) for queries at positions input_pos (T,) over a KV cache of L slots: query t may see
+    slots 0..input_pos[t]; later slots are stale or empty."""
+    return torch.arange(max_len, device=input_pos.device)[None, :] <= input_pos[:, None]
+
+
 # ----------------------------------------------------------------------------- attention
 
 
@@ -189,7 +211,8 @@ class Attention(nn.Module):
 
     Two code paths compute the same thing: PyTorch's fused scaled_dot_product_attention (the
     default; FlashAttention/memory-efficient kernels on GPU) and the plain math, which is easier
-    to read and can keep the attention weights for plotting (`keep_weights=True`).
+    to read and can keep the attention weights for plotting (`keep_weights=True`). The
+    `attention_mode` context manager below switches a whole model between them.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True):
@@ -251,6 +274,30 @@ class Attention(nn.Module):
             out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
         out = out.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.out_proj(out)
+
+
+def set_attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
+    """Run every Attention of `model` on the fused kernel (sdpa=True) or the plain math (sdpa=False);
+    with keep_weights=True (math path) each module stores its softmax weights in `.weights`. The
+    defaults are the default mode. `attention_mode` does the same for one `with` block."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.use_sdpa, m.keep_weights = sdpa, keep_weights
+
+
+@contextmanager
+def attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
+    """set_attention_mode inside the `with` block, the previous modes back on exit (weights kept
+    in the block stay readable after it). The shape of Whisper's `disable_sdpa`, per model
+    instead of process-wide."""
+    modules = [m for m in model.modules() if isinstance(m, Attention)]
+    saved = [(m.use_sdpa, m.keep_weights) for m in modules]
+    set_attention_mode(model, sdpa=sdpa, keep_weights=keep_weights)
+    try:
+        yield modules
+    finally:
+        for m, (use_sdpa, keep) in zip(modules, saved):
+            m.use_sdpa, m.keep_weights = use_sdpa, keep
 
 
 # ----------------------------------------------------------------------------- layers
@@ -328,7 +375,7 @@ class DecoderCache:
             # (Bs, H, S, Dh) each, made contiguous once: every decoding step reads all of them
             self.cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoder_out))
                              for layer in layers]
-        self.cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (Bs, 1, 1, S)
+        self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
         ref = model.shared.weight
         self.self_kv = [KVCache(n_hyps, H, max_len, Dh, ref.dtype, ref.device) for _ in layers]
@@ -343,27 +390,39 @@ class DecoderCache:
 # ----------------------------------------------------------------------------- model
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token embedding, whose matrix is also the output projection (tied weights; Press & Wolf
+    2017): forward maps ids to vectors, `project` maps vectors to one score per token.
+    onednn.PackedTiedEmbedding replaces `project` with a packed matmul (same numbers)."""
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)  # (..., D) -> (..., V)
+
+
 class Pegasus(nn.Module):
     """The encoder-decoder with its LM head (what the reference calls
     PegasusForConditionalGeneration). `model(input_ids, attention_mask, decoder_input_ids)`
-    returns logits (B, T, V); `encode` / `decode` are the two halves, used by generate.py."""
+    returns logits (B, T, V); `encode` / `decode` / `logits` are its three parts, which
+    decoding.py calls one step at a time."""
 
     attention_bias = True  # q/k/v/out projections have biases (PEGASUS-X drops them)
+    logits_bias = True  # the checkpoints have a final_logits_bias (PEGASUS-X's have none)
 
     def __init__(self, config: PegasusConfig):
         super().__init__()
         cfg = self.config = config
         if not cfg.tie_word_embeddings:
             raise ValueError("untied input/output embeddings are not supported (no published PEGASUS uses them)")
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
+        self.shared = TiedEmbedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_token_id)
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
         self.encoder = self.build_encoder(cfg)
         self.decoder = Stack([DecoderLayer(cfg, cfg.decoder_ffn_dim, cfg.decoder_attention_heads, self.attention_bias)
                               for _ in range(cfg.decoder_layers)], cfg.d_model)
         # A learned per-token bias on the logits. The original TF code had none; it exists in the
         # converted checkpoints (inherited from BART's code) and is all zeros in the published
-        # ones, but fine-tuned models may learn it, so it is loaded and applied.
-        self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size))
+        # ones, but fine-tuned models may learn it, so it is loaded and applied. A None buffer is
+        # no tensor at all (not in state_dict): what PEGASUS-X, whose checkpoints have none, gets.
+        self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size) if self.logits_bias else None)
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         self.init_buffers()
@@ -372,6 +431,10 @@ class Pegasus(nn.Module):
     def build_encoder(self, cfg: PegasusConfig) -> Stack:  # PEGASUS-X builds its own
         return Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, self.attention_bias)
                       for _ in range(cfg.encoder_layers)], cfg.d_model)
+
+    @classmethod
+    def check_dtype(cls, dtype: torch.dtype, force: bool = False):
+        """Raise for a weight dtype the model does not support: PEGASUS runs in all (PEGASUS-X overrides this)."""
 
     def init_buffers(self):
         """Buffers that are computed, not loaded (called again after loading on the meta device)."""
@@ -406,7 +469,7 @@ class Pegasus(nn.Module):
         """Token ids (B, S) -> encoder states (B, S, D). Padding keys are masked out."""
         self.check_length(input_ids.size(1), "input")
         x = self.embed(input_ids, torch.arange(input_ids.size(1), device=input_ids.device))
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        mask = None if attention_mask is None else padding_mask(attention_mask)  # (B, 1, 1, S)
         for layer in self.encoder.layers:
             x = self.run_layer(layer, x, mask)
         return self.encoder.layer_norm(x)
@@ -421,13 +484,17 @@ class Pegasus(nn.Module):
         return layer(*args)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final decoder states (..., D) -> next-token scores (..., V): the one place they are computed."""
         # Tied output projection: the same matrix maps ids to vectors and vectors to scores.
-        return F.linear(h, self.shared.weight) + self.final_logits_bias.to(h.dtype)  # (B, T, V)
+        scores = self.shared.project(h)  # (..., V)
+        if self.final_logits_bias is None:  # PEGASUS-X
+            return scores
+        return scores + self.final_logits_bias[0].to(h.dtype)  # stored (1, V) as in the checkpoints; (V,) broadcasts
 
     def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
-               input_pos: torch.Tensor | None = None, decoder_attention_mask=None, hidden=False) -> torch.Tensor:
-        """Decoder ids (B, T) -> logits (B, T, V), or with hidden=True the final states (B, T, D)
-        that the LM head would score (generate.py scores only the last position).
+               input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:
+        """Decoder ids (B, T) -> final decoder states (B, T, D); `logits` scores them (decoding
+        scores only the newest position, training all of them).
 
         Without a cache the whole prefix is processed with a causal mask (training, scoring).
         With a cache, `decoder_input_ids` are the new tokens at positions `input_pos` (T,) and
@@ -438,9 +505,9 @@ class Pegasus(nn.Module):
         if cache is None:
             self.check_length(T, "decoder input")
             input_pos = torch.arange(T, device=dev)
-            mask = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T, T) causal
+            mask = causal_mask(T, dev)  # (T, T)
             if decoder_attention_mask is not None:
-                mask = mask & decoder_attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+                mask = mask & padding_mask(decoder_attention_mask)  # (B, 1, T, T)
                 # As the reference, an additive mask of the most negative float: a query with no visible
                 # key (a padded first position) then attends uniformly instead of giving 0 or NaN.
                 big = torch.finfo(self.shared.weight.dtype).min
@@ -448,18 +515,15 @@ class Pegasus(nn.Module):
             cross_kv = None
             if encoder_out is not None:
                 cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]
-            cross_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+            cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (B, 1, 1, S)
         else:
-            # Query t may see cache slots 0..input_pos[t]; later slots are stale or empty.
-            slots = torch.arange(cache.max_len, device=dev)
-            mask = slots[None, :] <= input_pos[:, None]  # (T, L)
+            mask = cache_mask(input_pos, cache.max_len)  # (T, L)
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
         x = self.embed(decoder_input_ids, input_pos)
         for i, layer in enumerate(self.decoder.layers):
             x = self.run_layer(layer, x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
                                None if cache is None else cache.self_kv[i], input_pos)
-        h = self.decoder.layer_norm(x)  # (B, T, D)
-        return h if hidden else self.logits(h)
+        return self.decoder.layer_norm(x)  # (B, T, D)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
         """Full teacher-forced pass: logits (B, T, V). Without decoder ids, scores the first
@@ -467,7 +531,8 @@ class Pegasus(nn.Module):
         if decoder_input_ids is None:
             decoder_input_ids = input_ids.new_full((input_ids.size(0), 1), self.config.decoder_start_token_id)
         enc = self.encode(input_ids, attention_mask)
-        return self.decode(decoder_input_ids, enc, attention_mask, decoder_attention_mask=decoder_attention_mask)
+        return self.logits(self.decode(decoder_input_ids, enc, attention_mask,
+                                       decoder_attention_mask=decoder_attention_mask))
 
     def new_cache(self, encoder_out, attention_mask, n_hyps: int, max_len: int) -> DecoderCache:
         self.check_length(max_len, "decoder cache")

@@ -186,6 +186,7 @@ class PegasusX(Pegasus):
     Same interface as pegasus.Pegasus: forward, encode, decode, new_cache, loss."""
 
     attention_bias = False  # no bias in any q/k/v/out projection (the FFN keeps its biases)
+    logits_bias = False  # no final_logits_bias: logits are h @ shared^T
     # float16 is refused: the reference documents PEGASUS-X as not supporting it. Setting
     # `PegasusX.allow_fp16 = True` (or on one model) lets it run anyway, at your own risk.
     allow_fp16 = False
@@ -200,7 +201,6 @@ class PegasusX(Pegasus):
         if config.d_model % 2:
             raise ValueError(f"d_model must be even for the [sines | cosines] positions (got {config.d_model})")
         super().__init__(config)  # shared embedding, our encoder (build_encoder), bias-free decoder, init
-        del self.final_logits_bias  # PEGASUS-X checkpoints have none: logits are h @ shared^T
 
     def build_encoder(self, cfg: PegasusXConfig) -> "EncoderX":
         return EncoderX(cfg)  # global-local attention instead of full attention
@@ -217,9 +217,6 @@ class PegasusX(Pegasus):
 
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
         return sinusoids_x(pos, self.config.d_model, self.shared.weight.dtype)  # (T, D)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.shared.weight)  # (B, T, V), tied, no final_logits_bias
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, S) -> encoder states (B, S, D), in time and memory linear in S."""

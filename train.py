@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import pegasus
 from data import read_documents, read_jsonl
+from decoding import generate
 from load_weights import load_model, model_class, save_model
 from tokenizer import PegasusTokenizer
 
@@ -314,7 +315,6 @@ def evaluate(model, tokenizer, pairs, max_source_len: int = 512, max_target_len:
     """ROUGE-1/2/L F1 (x100, Porter stemming, as the paper reports) of greedy summaries of `pairs`."""
     from rouge_score import rouge_scorer
 
-    from generate import generate
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     was_training, device = model.training, model.shared.weight.device
     model.eval()

@@ -35,5 +35,12 @@ def tokenizer_json() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(spiece_model):
+    """The real PEGASUS tokenizer (96,103 ids), from ../shared's spiece.model."""
+    from tokenizer import PegasusTokenizer
+    return PegasusTokenizer.from_spiece(spiece_model)
+
+
+@pytest.fixture(scope="session")
 def published_configs() -> dict:
     return json.loads(shared_file("configs", "published.json").read_text())

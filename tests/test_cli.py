@@ -17,15 +17,9 @@ import torch
 import generate
 from load_weights import save_model
 from pegasus import Pegasus, PegasusConfig
-from tokenizer import PegasusTokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
 EXPECTED = "Summary Summary Summary Summary"  # max_length 6 = start + 4 tokens + forced EOS
-
-
-@pytest.fixture(scope="module")
-def tokenizer(spiece_model):
-    return PegasusTokenizer.from_spiece(spiece_model)
 
 
 @pytest.fixture(scope="module")

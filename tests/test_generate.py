@@ -1,4 +1,4 @@
-"""generate.py against transformers' generate(): identical token ids, rule by rule.
+"""decoding.generate (re-exported by generate.py) against transformers' generate(): identical token ids, rule by rule.
 
 The models are trained for a few hundred steps on the toy task in toy.py (seconds), so that they
 have real preferences: beam search disagrees with greedy decoding, outputs have different lengths,
@@ -10,15 +10,14 @@ import copy
 
 import pytest
 import torch
-from toy import from_reference, pad_batch, to_reference, toy_sources, train_toy
+from toy import TOY, from_reference, pad_batch, texts, to_reference, toy_sources, train_toy
 
+from decoding import DecodingOptions
 from generate import generate
-from onednn import OneDNNLinear, use_onednn
+from onednn import OneDNNLinear, screened_argmax, use_onednn
 from pegasus import Pegasus, PegasusConfig
 
-TOY = PegasusConfig(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                    dropout=0.0)
+TOY = PegasusConfig(**TOY)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,14 +49,6 @@ def batch():
 def reference(ref, ids, mask, **kw):
     with torch.no_grad():
         return ref.generate(ids, attention_mask=mask, **kw)
-
-
-def texts(out: torch.Tensor) -> list[tuple]:
-    """Generated tokens of each row up to and including the first EOS (padding ignored)."""
-    rows = []
-    for row in out[:, 1:].tolist():
-        rows.append(tuple(row[: row.index(1) + 1] if 1 in row else row))
-    return rows
 
 
 def n_differ(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -144,6 +135,23 @@ def test_checkpoint_settings_are_the_defaults(toy, batch):
     assert torch.equal(overridden, reference(ref, *batch, **(settings | {"num_beams": 1, "max_length": 7})))
 
 
+def test_options_object_and_keywords_are_the_same_call(toy, batch):
+    """DecodingOptions is frozen; keywords override it; unknown names are refused."""
+    import dataclasses
+
+    model, _ = toy
+    beam4 = DecodingOptions(num_beams=4, max_new_tokens=14, length_penalty=0.6)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        beam4.num_beams = 2
+    expected = generate(model, *batch, num_beams=4, max_new_tokens=14, length_penalty=0.6)
+    assert torch.equal(generate(model, *batch, options=beam4), expected)
+    assert torch.equal(generate(model, *batch, options=dataclasses.replace(beam4, num_beams=2), num_beams=4), expected)
+    assert torch.equal(generate(model, *batch, options=beam4, num_beams=None), expected)  # None changes nothing
+    assert not torch.equal(generate(model, *batch, options=beam4, num_beams=1), expected)
+    with pytest.raises(TypeError, match="num_beam"):
+        generate(model, *batch, num_beam=4)
+
+
 def test_sampling_is_reproducible_and_matches_reference(toy, batch):
     model, ref = toy
     kw = dict(do_sample=True, temperature=0.8, top_k=8, top_p=0.9, max_new_tokens=14, num_return_sequences=2)
@@ -206,13 +214,37 @@ def test_published_xsum_shape(published_configs):
 
 
 def test_onednn_matmuls_give_the_same_tokens(toy, batch):
+    """What the CLI runs for float32 on CPU: packed matmuls, and the screened argmax when greedy."""
     model, _ = toy
     fast = use_onednn(copy.deepcopy(model))
+    argmax = screened_argmax(fast)
     if not isinstance(fast.decoder.layers[0].fc1, OneDNNLinear):
         pytest.skip("oneDNN is not available in this PyTorch build")
     dec = batch[0][:, :5]
     with torch.no_grad():
         torch.testing.assert_close(fast(*batch, dec), model(*batch, dec), rtol=0, atol=1e-5)
+    assert argmax is not None or not hasattr(torch, "_weight_int8pack_mm"), "no screened argmax on this build"
     for kw in (dict(num_beams=1), dict(num_beams=8, length_penalty=0.6), dict(num_beams=4, num_return_sequences=4)):
-        assert torch.equal(generate(fast, *batch, max_new_tokens=14, **kw), generate(model, *batch, max_new_tokens=14,
-                                                                                     **kw))
+        assert torch.equal(generate(fast, *batch, max_new_tokens=14, **kw, argmax=argmax),
+                           generate(model, *batch, max_new_tokens=14, **kw))
+
+
+def test_converted_model_registers_its_tensors_and_refuses_to_save_or_move(toy, tmp_path):
+    """use_onednn swaps modules, patches nothing: state_dict keeps every name; what cannot work says so in one line."""
+    from load_weights import save_model
+
+    model, _ = toy
+    fast = use_onednn(copy.deepcopy(model))
+    if not isinstance(fast.decoder.layers[0].fc1, OneDNNLinear):
+        pytest.skip("oneDNN is not available in this PyTorch build")
+    assert list(fast.state_dict()) == list(model.state_dict())  # the packed weights are registered, same names
+    assert sum(t.is_mkldnn for t in fast.state_dict().values()) == sum(
+        isinstance(m, torch.nn.Linear) for m in model.modules())  # every Linear's weight, packed
+    assert "logits" not in vars(fast)  # Pegasus.logits, not an instance attribute shadowing it
+    with pytest.raises(ValueError, match=r"^cannot save a model with oneDNN-packed weights .* save it before"):
+        save_model(fast, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+    for move in (lambda m: m.to(torch.bfloat16), lambda m: m.to("meta"), lambda m: m.double()):
+        with pytest.raises(ValueError, match="oneDNN-packed weights .* cannot change device or dtype"):
+            move(fast)
+    save_model(model, tmp_path / "plain")  # the unconverted model saves as before

@@ -2,7 +2,8 @@
 
 The screened argmax claims to be exact: its bound must hold for every token, and its answer must
 be the argmax of the full float32 logits, including ties, banned tokens and a forced token.
-(tests/test_generate.py checks that a model under use_onednn decodes the same tokens.)
+(tests/test_generate.py checks that a model under use_onednn decodes the same tokens, and how it
+saves and moves.)
 """
 
 import pytest
@@ -40,7 +41,7 @@ def test_packed_linear_matches_plain_linear_and_is_row_independent():
 def test_bound_holds_for_every_token(V, D):
     E = embedding(V, D)
     bias = torch.randn(V) * 0.1
-    head = ScreenedArgmax(E, bias)
+    head = ScreenedArgmax(E, bias, lambda h: h @ E.T + bias)
     g = torch.Generator().manual_seed(1)
     for scale in (0.1, 1.0, 30.0):  # final LayerNorm outputs of very different sizes
         h = torch.randn(8, D, generator=g) * scale
@@ -69,7 +70,7 @@ def test_bound_holds_for_every_token(V, D):
 def test_argmax_equals_the_full_argmax_with_ties_bans_and_forced_tokens():
     V, D = 5000, 128
     E, bias = embedding(V, D), torch.zeros(V)
-    head = ScreenedArgmax(E, bias)
+    head = ScreenedArgmax(E, bias, lambda h: h @ E.T + bias)
     g = torch.Generator().manual_seed(2)
     h = torch.randn(64, D, generator=g)
     h[0] = E[7]  # tokens 7 and V-1 tie for the highest logit: the lower id wins, as in argmax
@@ -106,7 +107,7 @@ def test_near_ties_are_resolved_exactly():
     g = torch.Generator().manual_seed(3)
     # 1% apart: far above float32 rounding (so the float32 answer is not itself a tie), far below int8's.
     E[1::2] = E[0::2] + 1e-2 * E[0::2].abs().mean() * torch.randn(V // 2, D, generator=g)
-    head = ScreenedArgmax(E, None)
+    head = ScreenedArgmax(E, None, lambda h: h @ E.T)
     h = torch.randn(512, D, generator=g)
     full = (h @ E.T).argmax(-1)
     assert torch.equal(full, (h.double() @ E.double().T).argmax(-1))

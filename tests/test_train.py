@@ -20,7 +20,6 @@ import torch
 
 from data import read_documents, read_jsonl
 from load_weights import load_model
-from tokenizer import PegasusTokenizer
 from train import (
     TrainConfig,
     add_config_flags,
@@ -230,11 +229,6 @@ def test_init_config_specs(tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def tokenizer(spiece_model):
-    return PegasusTokenizer.from_spiece(spiece_model)
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,24 @@ model with a `loss(input_ids, attention_mask, labels)` method and a config with 
 pad_token_id / eos_token_id (PEGASUS and PEGASUS-X alike) on this task:
 
     source: 2..6 random content tokens, e.g.  7 12 5 9
-    target: with probability 0.45 a copy             7 12 5 9 </s>
+    target: with probability 0.30 a copy             7 12 5 9 </s>
+            with probability 0.15 its first half      7 12 </s>
             with probability 0.55 MARK, one of 4
             "variant" tokens, then the reverse        MARK v 9 5 12 7 </s>
 
 The MARK branch is more likely as a whole, but it splits into four equally likely variants, so
-greedy decoding (MARK first, then a 0.14 variant) loses to beam search, which finds the 0.45 copy.
+greedy decoding (MARK first, then a 0.14 variant) loses to beam search, which finds the 0.30 copy.
 Outputs have varied lengths, so the EOS, length-penalty and padding rules all get exercised.
 """
 
 from dataclasses import asdict
 
 import torch
+
+# The toy model's shape (PegasusConfig or PegasusXConfig fields): small enough to train in seconds.
+TOY = dict(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+           decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+           dropout=0.0)
 
 MARK = 2  # first content-free token of the target's second branch
 N_VARIANTS = 4  # tokens 3..6 follow MARK
@@ -83,6 +89,20 @@ def toy_inputs(n: int, cfg, seed: int = 1234, min_len: int = 2, max_len: int = 6
     """n evaluation sources, right-padded: (input_ids, attention_mask)."""
     g = torch.Generator().manual_seed(seed)
     return pad_batch(toy_sources(n, cfg.vocab_size, g, min_len, max_len), cfg.pad_token_id, cfg.eos_token_id)
+
+
+def texts(out: torch.Tensor, eos: int = 1) -> list[tuple]:
+    """Generated tokens of each row of generate()'s output up to and including the first EOS (what
+    follows is padding)."""
+    return [tuple(r[: r.index(eos) + 1] if eos in r else r) for r in out[:, 1:].tolist()]
+
+
+def relative_error(ours, ref, tol=1e-4):
+    """max |d| / max |ref| of two logit tensors, asserted <= tol, and identical argmax."""
+    rel = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert rel <= tol, f"relative max |dlogit| {rel:.2e} > {tol}"
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1)), "argmax differs"
+    return rel
 
 
 # ----------------------------------------------------------------------------- the reference twin

@@ -1,12 +1,12 @@
 """Decoding speed: this project's generate() against transformers' generate() (and CTranslate2 if
 it is installed), on randomly initialised models of a published shape and one real news article.
 "ours" is generate() as the tests check it; "ours+onednn" adds onednn.use_onednn (the matmuls
-through oneDNN with pre-converted weights).
+through oneDNN with pre-converted weights) and the screened greedy argmax (see common.load_ours).
 
-    python bench.py                               # google/pegasus-xsum shape, all cases
-    python bench.py --cases beam8_b1 --threads 2
-    python bench.py --rounds 3                    # every implementation 3 times, round-robin; medians
-    python bench.py --long 4096 16384             # PEGASUS-X long inputs (bench_long.py)
+    python -m benchmarks.speed                    # google/pegasus-xsum shape, all cases
+    python -m benchmarks.speed --cases beam8_b1 --threads 2
+    python -m benchmarks.speed --rounds 3         # every implementation 3 times, round-robin; medians
+    python -m benchmarks.speed --long 4096 16384  # PEGASUS-X long inputs (benchmarks/long_inputs.py)
 
 Every implementation runs each case in a fresh process, so that its peak resident memory
 (ru_maxrss) is its own, on the same weights (written once to a temporary checkpoint), the same
@@ -17,16 +17,14 @@ weights decode a repeated token, which is fine for timing. Output ids must equal
 import argparse
 import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
-SHARED = ROOT.parent / "shared"
+from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn
+
 CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
 NEW_TOKENS = 64
 
@@ -68,26 +66,23 @@ def penalty(ckpt: Path) -> float:
     return json.loads((ckpt / "generation_config.json").read_text()).get("length_penalty", 1.0)
 
 
-def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
-    """Runs in its own process: load, warm up on a short input, then time one generate()."""
+def worker(impl: str, ckpt: str, case: str, threads: int, new_tokens: int = NEW_TOKENS) -> dict:
+    """Runs in its own process (common.spawn): load, warm up on a short input, then time one generate()."""
     torch.set_num_threads(threads)
+    ckpt = Path(ckpt)
     num_beams, batch = CASES[case]
     from tokenizer import PegasusTokenizer
     tok = PegasusTokenizer.from_pretrained(ckpt) if (ckpt / "spiece.model").exists() else None
     rows = documents(tok, batch)
     if impl == "ctranslate2":
-        return ctranslate2_worker(ckpt, rows, num_beams)
+        return ctranslate2_worker(ckpt, rows, num_beams, new_tokens)
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (B, S) right-padded
     mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
-    if impl.startswith("ours"):
-        from generate import generate
-        from load_weights import load_model
-        from onednn import use_onednn
-        model, _ = load_model(ckpt, with_tokenizer=False, mmap=impl == "ours")
-        if impl == "ours+onednn":
-            use_onednn(model)
-        run = lambda i, m, **kw: generate(model, i, m, **kw)
+    if impl in IMPLS:
+        from decoding import generate
+        model, argmax = load_ours(impl, ckpt)
+        run = lambda i, m, **kw: generate(model, i, m, argmax=argmax, **kw)
     else:
         import transformers
         model = transformers.PegasusForConditionalGeneration.from_pretrained(ckpt).eval()
@@ -95,14 +90,14 @@ def worker(impl: str, ckpt: Path, case: str, threads: int) -> dict:
     with torch.inference_mode():
         run(ids[:, :16], mask[:, :16], num_beams=num_beams, max_new_tokens=2)  # warm-up: lazy initialisation
         start = time.perf_counter()
-        out = run(ids, mask, num_beams=num_beams, length_penalty=penalty(ckpt), min_new_tokens=NEW_TOKENS,
-                  max_new_tokens=NEW_TOKENS)
+        out = run(ids, mask, num_beams=num_beams, length_penalty=penalty(ckpt), min_new_tokens=new_tokens,
+                  max_new_tokens=new_tokens)
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "ids": out.tolist(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
-def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int) -> dict:
-    """CTranslate2 has no forced EOS: it decodes NEW_TOKENS - 1 tokens, and the EOS that the others
+def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_tokens: int) -> dict:
+    """CTranslate2 has no forced EOS: it decodes new_tokens - 1 tokens, and the EOS that the others
     are forced to write last is added for the comparison."""
     import ctranslate2
     out = ckpt.with_name(ckpt.name + "-ctranslate2")
@@ -124,7 +119,7 @@ def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int) -> dic
     translator.translate_batch([t[:16] for t in tokens], beam_size=num_beams, max_decoding_length=2)  # warm-up
     start = time.perf_counter()
     results = translator.translate_batch(tokens, beam_size=num_beams, length_penalty=penalty(ckpt),
-                                         max_decoding_length=NEW_TOKENS - 1, min_decoding_length=NEW_TOKENS - 1)
+                                         max_decoding_length=new_tokens - 1, min_decoding_length=new_tokens - 1)
     seconds = time.perf_counter() - start
     ids = [[0] + [index[t] for t in r.hypotheses[0]] + [1] for r in results]
     return {"seconds": seconds, "ids": ids, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
@@ -138,22 +133,18 @@ def main():
     p.add_argument("--checkpoint", help="reuse a checkpoint directory instead of building one (random weights)")
     p.add_argument("--rounds", type=int, default=1, help="run every implementation this many times; report medians")
     p.add_argument("--long", type=int, nargs="+", metavar="TOKENS",
-                   help="long-input mode: google/pegasus-x-base shape at these input lengths (see bench_long.py)")
-    p.add_argument("--worker", nargs=3, metavar=("IMPL", "CHECKPOINT", "CASE"), help=argparse.SUPPRESS)
+                   help="long-input mode: google/pegasus-x-base shape at these input lengths (long_inputs.py)")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per text (%(default)s)")
     args = p.parse_args()
     if args.long:
-        from bench_long import bench_long
+        from benchmarks.long_inputs import bench_long
         torch.set_num_threads(args.threads)
         bench_long(args.long, checkpoint=args.checkpoint)
-        return
-    if args.worker:
-        impl, ckpt, case = args.worker
-        print(json.dumps(worker(impl, Path(ckpt), case, args.threads)))
         return
     cases = args.cases.split(",")
     if unknown := set(cases) - set(CASES):
         p.error(f"unknown case(s) {sorted(unknown)}; choose from {', '.join(CASES)}")
-    impls = ["transformers", "ours", "ours+onednn"]
+    impls = ["transformers", *IMPLS]
     try:
         import ctranslate2  # noqa: F401
         impls.append("ctranslate2")
@@ -161,20 +152,18 @@ def main():
         print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
-        print(f"{args.model} shape, random weights, {args.threads} threads, {NEW_TOKENS} new tokens forced, fp32"
+        print(f"{args.model} shape, random weights, {args.threads} threads, {args.new_tokens} new tokens forced, fp32"
               + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
         print(f"{'case':<10} {'implementation':<15} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} {'vs ref':>7}  ids")
         for case in cases:
             runs = {impl: [] for impl in impls}
             for _ in range(args.rounds):  # round-robin, so that a slow spell of the machine hits every implementation
                 for impl in impls:
-                    cmd = [sys.executable, str(ROOT / "bench.py"), "--threads", str(args.threads),
-                           "--worker", impl, str(ckpt), case]
-                    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                    if r.returncode != 0:
-                        print(f"{case:<10} {impl:<15} failed: {(r.stderr.strip().splitlines() or ['?'])[-1]}")
-                        continue
-                    runs[impl].append(json.loads(r.stdout.strip().splitlines()[-1]))
+                    try:
+                        runs[impl].append(spawn("speed", impl=impl, ckpt=str(ckpt), case=case, threads=args.threads,
+                                                new_tokens=args.new_tokens))
+                    except RuntimeError as e:
+                        print(f"{case:<10} {impl:<15} failed: {e}")
             ref = median(runs["transformers"])
             for impl in [i for i in impls if runs[i]]:
                 res = median(runs[impl])
@@ -193,32 +182,6 @@ def median(runs: list[dict]) -> dict | None:
     return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2] | {"peak_rss": max(r["peak_rss"] for r in runs)}
 
 
-def build_checkpoint(name: str, out: Path) -> Path:
-    """Random weights at a published shape, saved in the Hugging Face layout with the real vocabulary."""
-    from load_weights import save_model
-    from pegasus import PUBLISHED, Pegasus, PegasusConfig
-    from tokenizer import PegasusTokenizer
-    published = SHARED / "configs" / "published.json"
-    if published.exists():
-        raw = json.loads(published.read_text())[name]
-        if raw["model_type"] != "pegasus":
-            raise SystemExit(f"error: {name} is a {raw['model_type']} model; bench.py times PEGASUS shapes only")
-        config, generation = PegasusConfig.from_dict(raw), raw.get("generation", {})
-    else:
-        print(f"note: {published} not found; using pegasus.PUBLISHED")
-        config, generation = PUBLISHED[name], {}
-    torch.manual_seed(0)
-    model = Pegasus(config)
-    # The published generation_config.json files also name the special tokens; the reference needs them.
-    model.generation_config = generation | {k: getattr(config, k) for k in (
-        "decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")}
-    spiece = SHARED / "pegasus" / "spiece.model"
-    tok = PegasusTokenizer.from_spiece(spiece) if spiece.exists() else None
-    if tok is None:
-        print(f"note: {spiece} not found; timing random token ids instead of the article")
-    save_model(model, out, tok)
-    return out
-
-
 if __name__ == "__main__":
+    serve(worker)
     main()

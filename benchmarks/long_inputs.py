@@ -1,7 +1,8 @@
-"""Long-input benchmark (`python bench.py --long ...`): PEGASUS-X at the google/pegasus-x-base shape vs transformers.
+"""Long-input benchmark: PEGASUS-X at the google/pegasus-x-base shape vs transformers.
 
-    python bench_long.py                              # 4,096 and 16,384 tokens, ours and the reference
-    python bench_long.py --lengths 4096 --impls ours  # one cell
+    python -m benchmarks.long_inputs                              # 4,096 and 16,384 tokens, ours and the reference
+    python -m benchmarks.long_inputs --lengths 4096 --impls ours  # one cell
+    python -m benchmarks.speed --long 4096 16384                  # the same, from the speed benchmark
 
 For each (implementation, input length) a fresh subprocess loads the same random-weight checkpoint (fp32, CPU),
 times the encoder alone, then greedy generation of `--new-tokens` tokens (encoder included, EOS blocked so both
@@ -10,15 +11,14 @@ and the peak above the loaded model while it runs ("activations"), which is what
 """
 
 import argparse
-import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn
 
 SHAPE = "google/pegasus-x-base"
 
@@ -35,31 +35,16 @@ def reset_peak():
     Path("/proc/self/clear_refs").write_text("5")  # restart VmHWM from the current RSS (Linux >= 4.0)
 
 
-def make_checkpoint(directory: Path):
-    """A random-weight checkpoint at the published shape, in the layout both implementations load."""
-    from load_weights import save_model
-    from pegasus_x import PUBLISHED, PegasusX
-
-    torch.manual_seed(0)
-    model = PegasusX(PUBLISHED[SHAPE])
-    model.generation_config = dict(decoder_start_token_id=0, eos_token_id=1, pad_token_id=0, forced_eos_token_id=1)
-    save_model(model, directory)
-
-
 def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
-    """One measurement; runs in its own process so that the peak memory is this cell's alone."""
+    """One measurement; runs in its own process (common.spawn) so that the peak memory is this cell's alone."""
     torch.manual_seed(1)
-    if impl.startswith("ours"):
-        from generate import generate
-        from load_weights import load_model
-        from onednn import use_onednn
+    if impl in IMPLS:
+        from decoding import generate
 
-        model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
-        if impl == "ours+onednn":  # what the CLI uses for float32 on CPU
-            use_onednn(model)
+        model, argmax = load_ours(impl, checkpoint)
         encode = lambda ids, mask: model.encode(ids, mask)
         greedy = lambda ids, mask: generate(model, ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                            num_beams=1)
+                                            num_beams=1, argmax=argmax)
     else:
         import transformers
 
@@ -75,7 +60,7 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     ids = torch.randint(2, model.config.vocab_size, (1, length))  # (1, S)
     mask = torch.ones_like(ids)
     with torch.inference_mode():
-        encode(ids[:, :512], mask[:, :512])  # warm-up (lazy initialisation), as bench.py does; not timed
+        encode(ids[:, :512], mask[:, :512])  # warm-up (lazy initialisation), as speed.py does; not timed
         t = time.perf_counter()
         encode(ids, mask)
         encoder_s = time.perf_counter() - t
@@ -88,21 +73,20 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
                 threads=torch.get_num_threads())
 
 
-def bench_long(lengths=(4096, 16384), impls=("ours", "ours+onednn", "reference"), new_tokens: int = 63,
+def bench_long(lengths=(4096, 16384), impls=(*IMPLS, "reference"), new_tokens: int = 63,
                checkpoint=None) -> list:
     """Every (length, implementation) cell in a fresh subprocess; returns the rows and prints a table."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
-            checkpoint = Path(tmp) / "pegasus-x-base-random"
-            make_checkpoint(checkpoint)
+            checkpoint = build_checkpoint(SHAPE, Path(tmp) / "pegasus-x-base-random")
         for length in lengths:
             for impl in impls:
-                cmd = [sys.executable, __file__, "--worker", impl, str(checkpoint), str(length), str(new_tokens)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
-                if proc.returncode:
-                    raise RuntimeError(f"{impl} at {length} tokens failed:\n{proc.stderr[-2000:]}")
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                try:
+                    rows.append(spawn("long_inputs", impl=impl, checkpoint=str(checkpoint), length=length,
+                                      new_tokens=new_tokens))
+                except RuntimeError as e:
+                    raise RuntimeError(f"{impl} at {length} tokens failed: {e}") from None
                 print_row(rows[-1])
     summarize(rows)
     return rows
@@ -117,13 +101,13 @@ def print_row(r: dict):
 def summarize(rows: list):
     cell = {(r["impl"], r["length"]): r for r in rows}
     lengths = sorted({r["length"] for r in rows})
-    for n, impl in [(n, impl) for n in lengths for impl in ("ours", "ours+onednn")]:
+    for n, impl in [(n, impl) for n in lengths for impl in IMPLS]:
         ours, ref = cell.get((impl, n)), cell.get(("reference", n))
         if ours and ref:
             print(f"{n:>6} tokens, {impl} / reference: encoder {ours['encoder_s'] / ref['encoder_s']:.2f}x, "
                   f"greedy {ours['generate_s'] / ref['generate_s']:.2f}x, "
                   f"peak RSS {ours['peak_gb'] / ref['peak_gb']:.2f}x")
-    for impl in ("ours", "ours+onednn", "reference"):
+    for impl in (*IMPLS, "reference"):
         if len(lengths) > 1 and all((impl, n) in cell for n in lengths):
             a, b = cell[(impl, lengths[0])], cell[(impl, lengths[-1])]
             print(f"{impl}: {lengths[-1] / lengths[0]:.0f}x the input -> activations x"
@@ -132,14 +116,10 @@ def summarize(rows: list):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        impl, checkpoint, length, new_tokens = sys.argv[2:6]
-        print(json.dumps(run_one(impl, checkpoint, int(length), int(new_tokens))))
-        sys.exit()
+    serve(run_one)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--impls", nargs="+", default=["ours", "ours+onednn", "reference"],
-                   choices=["ours", "ours+onednn", "reference"])
+    p.add_argument("--impls", nargs="+", default=[*IMPLS, "reference"], choices=[*IMPLS, "reference"])
     p.add_argument("--new-tokens", type=int, default=63, help="greedy tokens after the start token (EOS blocked)")
     p.add_argument("--checkpoint", help="a pegasus_x checkpoint directory (default: random weights, base shape)")
     args = p.parse_args()

@@ -1,0 +1,79 @@
+"""What the benchmarks share: one checkpoint builder, one loader for this project's variants, and
+one worker protocol.
+
+Worker protocol: `spawn(module, **kwargs)` runs `python -m benchmarks.<module> --worker '<kwargs as
+JSON>'` in a fresh process from the repository root; that module ends with `serve(its_worker)`, which
+calls its_worker(**kwargs) and prints the result as one JSON line, which spawn returns as a dict.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
+
+IMPLS = ("ours", "ours+onednn")  # this project's variants; each benchmark adds the reference (and others)
+
+
+def spawn(module: str, **kwargs) -> dict:
+    """Run benchmarks/<module>.py's worker in a fresh process; its result, or RuntimeError with its last error line."""
+    cmd = [sys.executable, "-m", f"benchmarks.{module}", "--worker", json.dumps(kwargs)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def serve(worker) -> None:
+    """In a module's `if __name__ == "__main__":`, before its own argument parsing: answer a spawn() call."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(**json.loads(sys.argv[2]))))
+        sys.exit()
+
+
+def load_ours(impl: str, checkpoint):
+    """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights) or "ours+onednn"
+    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax)."""
+    from load_weights import load_model
+    from onednn import screened_argmax, use_onednn
+
+    model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
+    if impl == "ours+onednn":
+        return use_onednn(model), screened_argmax(model)
+    return model, None
+
+
+def build_checkpoint(name: str, out: Path) -> Path:
+    """Random weights at a published shape (PEGASUS or PEGASUS-X), saved in the Hugging Face layout that
+    both implementations load, with the real vocabulary when ../shared has it."""
+    from load_weights import model_class, save_model
+    from pegasus import PUBLISHED
+    from pegasus_x import PUBLISHED as PUBLISHED_X
+    from tokenizer import PegasusTokenizer
+
+    published = SHARED / "configs" / "published.json"
+    if published.exists():
+        raw = json.loads(published.read_text())[name]
+        generation = raw.get("generation", {})
+    else:
+        print(f"note: {published} not found; using the PUBLISHED tables")
+        config = (PUBLISHED | PUBLISHED_X)[name]
+        raw, generation = {f: getattr(config, f) for f in config.__dataclass_fields__}, {}
+    cls, config_cls = model_class(raw["model_type"])
+    config = config_cls.from_dict(raw)
+    torch.manual_seed(0)
+    model = cls(config)
+    # The published generation_config.json files also name the special tokens; the reference needs them.
+    model.generation_config = generation | {k: getattr(config, k) for k in (
+        "decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id")}
+    spiece = SHARED / "pegasus" / "spiece.model"
+    tok = PegasusTokenizer.from_spiece(spiece) if spiece.exists() else None
+    if tok is None:
+        print(f"note: {spiece} not found; timing random token ids instead of text")
+    save_model(model, out, tok)
+    return out
