@@ -316,3 +316,21 @@ def test_embedding_and_head_share_the_int8_table():
     h = torch.randn(4, 24)
     ref = F.linear(h, w) + bias
     assert ((head(h) - ref).norm() / ref.norm()).item() < OUTPUT_ERROR
+
+
+def test_float_layers_are_freed_and_models_move():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = SeamPegasus(PegasusConfig(**SMALL)).eval()
+    ids, dec = torch.randint(2, 512, (2, 9)), torch.randint(2, 512, (2, 5))
+    old = weakref.ref(model.decoder.layers[1].fc1.weight)
+    quantize_int8(model)
+    gc.collect()
+    assert old() is None  # nothing keeps the float weight once its layer is replaced
+    with torch.no_grad():
+        y = model(ids, None, dec)
+        y64 = model.to(torch.float64)(ids, None, dec)
+    assert y64.dtype == torch.float64 and model.decoder.layers[0].fc1.scale.dtype == torch.float64
+    assert (y64.float() - y).abs().max().item() < 0.05 * y.std().item()  # only the float parts changed precision
