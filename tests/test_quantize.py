@@ -172,6 +172,18 @@ def test_saturating_input_is_exact_enough():
     torch.testing.assert_close(lin(x), torch.full((3, 8), 254.0), rtol=0.02, atol=0)
 
 
+def test_full_range_activations_saturate_where_the_probe_says_so(monkeypatch):
+    """The other side of the probe: where it turned reduce_range on, the full 8 bits really do give
+    a wrong answer on that input (on AVX2 here: ~2 instead of 254)."""
+    if not quantize.fbgemm_available() or not quantize.fbgemm_reduce_range():
+        pytest.skip("fbgemm absent, or its kernel on this CPU does not saturate (VNNI)")
+    monkeypatch.setattr(quantize, "fbgemm_reduce_range", lambda: False)
+    lin = Int8Linear.from_weight(torch.ones(8, 256))
+    x = torch.ones(3, 256)
+    x[:, 0] = -1
+    assert (lin(x) - 254).abs().min().item() > 100
+
+
 # ----------------------------------------------------------------------------- whole models
 
 
