@@ -80,6 +80,12 @@ module saves, loads and moves like any other. At pegasus-xsum shape (568.7M para
 in float32): 470M linear weights packed (0.47 GB), the int8 embedding table (98M, 0.10 GB) and the
 int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights.
 
+Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
+float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,
+max 0.17 / 0.16, mean 0.031 / 0.034, top-1 agreement 0.92 / 0.96; a toy model trained in the test,
+teacher-forced, max 0.24, mean 0.012, top-1 0.9965; its generated ids are identical for 48 of 48
+sources greedy and 46 of 48 with beam 4.
+
 How it plugs into the model
 ---------------------------
     quantize_int8(model)                        # every nn.Linear -> Int8Linear, float weights freed
@@ -88,7 +94,12 @@ How it plugs into the model
     # head(h) replaces model.logits(h)           (h (B, T, D) -> logits (B, T, V), bias included)
 The embedding and the head are separate modules because the model's single logits seam is being
 built elsewhere; once it exists, the model holds `embedding` in place of `shared` (nothing keeps
-the float table) and its logits method calls `head`.
+the float table) and its logits method calls `head`. pegasus.py then needs two more small changes:
+Pegasus.embed and DecoderCache take the activation dtype and device from `shared.weight`, which is
+int8 here, so they should read them from the model (e.g. the final LayerNorm's weight) instead.
+To load an int8 checkpoint without ever building float weights: build the model on the meta
+device, quantize_int8 it and attach an empty Int8Embedding / Int8Linear(d_model, vocab) (shapes
+only), then load_state_dict(state, assign=True) and init_buffers(); the next forward packs.
 """
 
 import functools
