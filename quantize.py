@@ -97,9 +97,14 @@ built elsewhere; once it exists, the model holds `embedding` in place of `shared
 the float table) and its logits method calls `head`. pegasus.py then needs two more small changes:
 Pegasus.embed and DecoderCache take the activation dtype and device from `shared.weight`, which is
 int8 here, so they should read them from the model (e.g. the final LayerNorm's weight) instead.
-To load an int8 checkpoint without ever building float weights: build the model on the meta
-device, quantize_int8 it and attach an empty Int8Embedding / Int8Linear(d_model, vocab) (shapes
-only), then load_state_dict(state, assign=True) and init_buffers(); the next forward packs.
+
+The head's int8 weight is the embedding's (same rows, same scales): a saved int8 checkpoint should
+store it once, as float checkpoints store `shared.weight` once, and rebuild the head with
+int8_head(embedding, final_logits_bias) when loading (a plain state_dict of a model holding both
+writes it twice, 2 x 98 MB at pegasus-xsum shape). To load an int8 checkpoint without ever
+building float weights: build the model on the meta device, quantize_int8 it, attach an empty
+Int8Embedding(vocab, d_model), load_state_dict(state, assign=True), init_buffers(), then int8_head;
+each Int8Linear packs on its first forward (or call pack() on each to do it up front).
 """
 
 import functools
@@ -137,6 +142,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> tor
 # ----------------------------------------------------------------------------- the fbgemm kernel
 
 
+@functools.cache
 def fbgemm_available() -> bool:
     """fbgemm is PyTorch's x86 int8 GEMM library (AVX2 / AVX-512 / VNNI kernels)."""
     return "fbgemm" in torch.backends.quantized.supported_engines
@@ -272,10 +278,10 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scale", torch.ones(num_embeddings, device=device))  # (V,) float32
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """From a float table (V, D), or from its quantize_weight result when the caller already has it."""
+    def from_weight(cls, weight: torch.Tensor) -> "Int8Embedding":
+        """Quantize a float table (V, D), one scale per row (per token)."""
         m = cls(*weight.shape, device="meta")
-        m.weight, m.scale = quantized if quantized is not None else quantize_weight(weight.detach())
+        m.weight, m.scale = quantize_weight(weight.detach())
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
@@ -298,15 +304,19 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def int8_head(embedding: Int8Embedding, final_logits_bias: torch.Tensor | None = None) -> Int8Linear:
+    """The tied output head h (..., D) -> logits (..., V) from an int8 embedding table: the same int8
+    rows and scales, plus `final_logits_bias` (1, V) or (V,) (PEGASUS-X has none). On CPU the head
+    packs its own copy for fbgemm and drops its reference to the table, which the embedding keeps."""
+    V, D = embedding.weight.shape
+    head = Int8Linear(D, V, final_logits_bias is not None, device="meta")
+    head.weight, head.scale = embedding.weight, embedding.scale
+    head.bias = None if final_logits_bias is None else final_logits_bias.detach().float().reshape(-1).clone()
+    return head.pack()
+
+
 def int8_embedding_and_head(shared_weight: torch.Tensor, final_logits_bias: torch.Tensor | None = None
                             ) -> tuple[Int8Embedding, Int8Linear]:
-    """The tied token embedding (V, D) quantized once, as an Int8Embedding for lookups and an
-    Int8Linear output head h (..., D) -> logits (..., V) with `final_logits_bias` (1, V) or (V,)
-    added (PEGASUS-X has none). Both hold the same int8 tensor; on CPU the head packs its own copy
-    for fbgemm and releases its reference, so the table is resident once plus the packed head."""
-    q, scale = quantize_weight(shared_weight.detach())
-    embedding = Int8Embedding.from_weight(shared_weight, (q, scale))
-    head = Int8Linear(shared_weight.size(1), shared_weight.size(0), final_logits_bias is not None, device="meta")
-    head.weight, head.scale = q, scale
-    head.bias = None if final_logits_bias is None else final_logits_bias.detach().float().reshape(-1).clone()
-    return embedding, head.pack()
+    """The tied token embedding (V, D) quantized once: an Int8Embedding for lookups and its int8_head."""
+    embedding = Int8Embedding.from_weight(shared_weight)
+    return embedding, int8_head(embedding, final_logits_bias)

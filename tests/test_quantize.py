@@ -25,7 +25,15 @@ import quantize
 from generate import generate
 from pegasus import Pegasus, PegasusConfig, shift_right
 from pegasus_x import PegasusX, PegasusXConfig
-from quantize import Int8Embedding, Int8Linear, dequantize, int8_embedding_and_head, quantize_int8, quantize_weight
+from quantize import (
+    Int8Embedding,
+    Int8Linear,
+    dequantize,
+    int8_embedding_and_head,
+    int8_head,
+    quantize_int8,
+    quantize_weight,
+)
 
 SMALL = dict(vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=128,
@@ -328,6 +336,9 @@ def test_embedding_and_head_share_the_int8_table():
     h = torch.randn(4, 24)
     ref = F.linear(h, w) + bias
     assert ((head(h) - ref).norm() / ref.norm()).item() < OUTPUT_ERROR
+    loaded = Int8Embedding(100, 24)  # a checkpoint needs the table once: the head is rebuilt from it
+    loaded.load_state_dict(embedding.state_dict())
+    assert torch.equal(int8_head(loaded, bias)(h), head(h))
 
 
 def test_float_layers_are_freed_and_models_move():
