@@ -209,8 +209,8 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
-        """Quantize a float weight (out, in) (and keep the float bias (out,)): the int8 head is
-        Int8Linear.from_weight(model.shared.weight, model.final_logits_bias[0])."""
+        """Quantize a float weight (out, in) and keep the float bias (out,). (The tied output head is
+        better built by int8_head, from the int8 embedding, so the table is quantized once.)"""
         m = cls(weight.size(1), weight.size(0), bias is not None, device="meta")  # no allocation
         m.weight, m.scale = quantize_weight(weight.detach())
         m.bias = None if bias is None else bias.detach().float()
@@ -246,9 +246,9 @@ class Int8Linear(nn.Module):
 
     # nn.Module's own machinery reads and writes registered buffers; give it the plain int8 one.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # while packed: scale, bias (weight is None)
         if self.packed is None:
-            return super()._save_to_state_dict(destination, prefix, keep_vars)
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # scale, bias (weight is None)
+            return
         destination[prefix + "weight"] = fbgemm_unpack(self.packed)  # a copy made for saving; stays packed
         destination.move_to_end(prefix + "scale")  # keep the order weight, scale, bias
         if self.bias is not None:
