@@ -55,6 +55,12 @@ float64 matmul (float32's own: 3e-7), with N(0, 1) inputs and rows of varied siz
     (output head)     8         320             185             34.3           5.4x             1.9%
                      32         619             357              187           1.9x             2.0%
 
+A second 1-thread run agreed within ~30% (e.g. head at 1 / 8 / 32 rows: 15 / 27 / 78 ms int8 vs 57 /
+128 / 174 ms best float32). With 2 threads the small matmuls were dominated by waiting for the
+second, busy core (4-16 ms steps, whatever the kernel); the large ones: 505 rows 12 / 33 / 50 ms
+int8 vs 24 / 68 / 67 ms best float32 for the three layer shapes, head 12 / 24 / 68 ms vs 52 / 92 /
+188 ms.
+
 The error is almost all the input's quantization (7 bits, one scale for the whole input matrix, so
 it grows with the number of rows): the int8 weights alone (the weight-only fallback) give 0.8-0.9%.
 PyTorch's other int8 path, the onednn engine's dynamic linear, measured 0.32 / 1.26 / 1.47 ms at 1
