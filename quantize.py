@@ -1,0 +1,334 @@
+"""int8 weights for PEGASUS / PEGASUS-X inference on CPU (in the spirit of gpt-fast's quantize.py).
+
+The scheme
+----------
+Every weight matrix W (out, in) is stored as int8 with one float32 scale per output channel (row):
+
+    s_o = max_i |W_oi| / 127        q_oi = round(W_oi / s_o)  in [-127, 127]        W_oi ~ s_o * q_oi
+
+Symmetric (no zero point): a weight's sign and magnitude survive as they are, and x @ W^T becomes
+(x @ q^T) * s, a scale per output column applied after an integer matmul. Per *output channel*
+because rows of trained weights differ in size by an order of magnitude or more: one scale for the
+whole matrix would give small rows only a few of the 255 levels (tests/test_quantize.py checks
+that such a quantizer fails the error bounds). The rounding error is at most s_o / 2 per weight,
+i.e. at most 1/254 of its row's largest weight.
+
+Activations stay float between layers. Inside fbgemm's kernel (torch.ops.quantized.linear_dynamic)
+each call quantizes its input x on the fly, one scale and zero point for the whole input matrix
+(all rows: a row's result depends slightly on the other rows of the batch), to uint8, multiplies
+int8 x uint8 with int32 accumulation, and converts back to float with s_x * s_o, adding the bias.
+
+reduce_range: on CPUs without VNNI (this AVX2 AMD EPYC; also AVX-512 without VNNI) fbgemm's inner
+instruction is vpmaddubsw, which adds two uint8 x int8 products into an int16 *with saturation*:
+2 * 255 * 127 = 64770 does not fit in 32767, and the sum silently clips. reduce_range=True
+quantizes activations to 7 bits (0..127), so 2 * 127 * 127 = 32258 always fits. With VNNI
+(vpdpbusd, Intel Cascade Lake and later, AMD Zen 4) products go straight into int32 and the full
+8 bits are safe and twice as fine. Rather than guessing from CPU flags, `fbgemm_reduce_range()`
+asks the kernel: it runs one input built to saturate (measured here without reduce_range: 0.49
+instead of 62; with it: 62.49) and turns reduce_range on exactly when the answer is wrong.
+
+Why int8 is faster
+------------------
+Decoding one token per step reads every weight once per step and does ~2 flops per weight: it is
+bound by memory bandwidth, and int8 reads 4x fewer bytes than float32 (and the packed layout
+streams well). The encoder (prefill, ~500 rows at once) is compute bound; there the int8 dot
+product instructions do 4x more multiply-adds per instruction than float32 FMA. Measured on this
+machine (AMD EPYC, AVX2 only: no AVX-512, no VNNI, no AMX; torch 2.13; 1 thread; medians of 7; the
+2 cores were shared with other jobs, load average 5-8, so the figures are rough), milliseconds per
+matmul at pegasus-xsum shapes; "err" is Int8Linear's relative error |y - y64| / |y64| against a
+float64 matmul (float32's own: 3e-7), with N(0, 1) inputs and rows of varied size:
+
+    (out, in)      rows   fp32 F.linear  oneDNN packed fp32  Int8Linear   speed-up vs best fp32   err
+    (1024, 1024)      1        0.12            0.16             0.07           1.7x             1.6%
+                      8        0.52            0.30             0.15           2.0x             1.9%
+                     32        1.50            1.42             0.72           2.0x             2.0%
+                    505        36.5            35.0             21.6           1.6x             2.3%
+    (4096, 1024)      1        1.04            1.09             0.20           5.2x             1.6%
+                      8        6.94            5.96             0.45            13x             1.8%
+                     32        14.0            8.65             6.69           1.3x             2.1%
+                    505         120             165               87           1.4x             2.2%
+    (1024, 4096)      1        0.80            1.26             0.35           2.3x             1.7%
+                      8        9.20            6.37             0.73           8.7x             2.1%
+                     32        14.1            13.4             10.6           1.3x             2.2%
+                    505         156             173              112           1.4x             2.5%
+    (96103, 1024)     1        70.9            96.1             22.2           3.2x             1.5%
+    (output head)     8         320             185             34.3           5.4x             1.9%
+                     32         619             357              187           1.9x             2.0%
+
+A second 1-thread run agreed within ~30% (e.g. head at 1 / 8 / 32 rows: 15 / 27 / 78 ms int8 vs 57 /
+128 / 174 ms best float32). With 2 threads the small matmuls were dominated by waiting for the
+second, busy core (4-16 ms steps, whatever the kernel); the large ones: 505 rows 12 / 33 / 50 ms
+int8 vs 24 / 68 / 67 ms best float32 for the three layer shapes, head 12 / 24 / 68 ms vs 52 / 92 /
+188 ms.
+
+The error is almost all the input's quantization (7 bits, one scale for the whole input matrix, so
+it grows with the number of rows): the int8 weights alone (the weight-only fallback) give 0.8-0.9%.
+PyTorch's other int8 path, the onednn engine's dynamic linear, measured 0.32 / 1.26 / 1.47 ms at 1
+row for the three layer shapes (2-5x slower than fbgemm here) and 0.92 / 7.6 / 7.6 ms at 32 rows.
+bfloat16 is no option on this CPU: mkldnn's bf16 support check says False, and packing bf16
+weights (mkldnn._reorder_linear_weight) refuses without AVX-512 BW/VL/DQ or AVX-NE-CONVERT.
+
+On Intel with AVX-512 VNNI the same fbgemm call runs 512-bit vpdpbusd kernels (one instruction per
+four multiply-adds into int32, no saturation, so reduce_range becomes False and activations keep 8
+bits); with AMX (Sapphire Rapids and later) oneDNN's int8 tile kernels are faster still for the
+many-row (encoder) matmuls, while the one-row decoding steps stay memory bound and gain mostly from
+the 4x fewer bytes either way. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
+back to weight-only int8: float activations times the dequantized weight (no speed-up, the same
+memory saving at rest).
+
+Memory
+------
+fbgemm packs the int8 matrix into its own blocked layout (plus one int32 column offset per output
+channel). Keeping both the plain int8 buffer and the packed copy would cost 2 bytes a weight, so
+`Int8Linear.pack()` releases the plain buffer and `unpack()` restores it exactly from fbgemm's copy
+(torch.ops.quantized.linear_unpack); state_dict, load_state_dict and .to() unpack first, so the
+module saves, loads and moves like any other. At pegasus-xsum shape (568.7M parameters, 2.27 GB
+in float32): 470M linear weights packed (0.47 GB), the int8 embedding table (98M, 0.10 GB) and the
+int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights. Measured peak
+RSS (one process each, random weights, encode 505 tokens then 10 greedy and 10 beam-8 steps; the
+~0.3 GB of the PyTorch runtime is in every figure): float32 loaded as generate.load does (no mmap,
+oneDNN packing) 3.17 GB; float32 built in the process 2.59 GB; int8 (skeleton on the meta device,
+an int8 state file holding the table once, torch.load, pack, int8_head) 1.14 GB, 0.36x of the
+float32 load path (0.31x without the runtime), 1.00 GB at rest. quantize_int8 on a float model in
+the same process adds 0.04 GB to the float model's peak (one layer at a time).
+
+Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
+float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,
+max 0.17 / 0.16, mean 0.031 / 0.034, top-1 agreement 0.92 / 0.96; a toy model trained in the test,
+teacher-forced, max 0.24, mean 0.012, top-1 0.9965; its generated ids are identical for 48 of 48
+sources greedy and 46 of 48 with beam 4.
+
+How it plugs into the model
+---------------------------
+    quantize_int8(model)                        # every nn.Linear -> Int8Linear, float weights freed
+    embedding, head = int8_embedding_and_head(model.shared.weight, model.final_logits_bias)
+    # embedding(ids) replaces model.shared(ids)  (dequantized rows, float32, (B, T, D))
+    # head(h) replaces model.logits(h)           (h (B, T, D) -> logits (B, T, V), bias included)
+The embedding and the head are separate modules because the model's single logits seam is being
+built elsewhere; once it exists, the model holds `embedding` in place of `shared` (nothing keeps
+the float table) and its logits method calls `head`. pegasus.py then needs two more small changes:
+Pegasus.embed and DecoderCache take the activation dtype and device from `shared.weight`, which is
+int8 here, so they should read them from the model (e.g. the final LayerNorm's weight) instead.
+
+The head's int8 weight is the embedding's (same rows, same scales): a saved int8 checkpoint should
+store it once, as float checkpoints store `shared.weight` once, and rebuild the head with
+int8_head(embedding, final_logits_bias) when loading (a plain state_dict of a model holding both
+writes it twice, 2 x 98 MB at pegasus-xsum shape). To load an int8 checkpoint without ever
+building float weights: build the model on the meta device, quantize_int8 it, attach an empty
+Int8Embedding(vocab, d_model), load_state_dict(state, assign=True), init_buffers(), then int8_head;
+each Int8Linear packs on its first forward (or call pack() on each to do it up front).
+"""
+
+import functools
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROWS_PER_CHUNK = 4096  # quantize big matrices (the 96103 x 1024 embedding) in slices: no full float temporary
+
+
+# ----------------------------------------------------------------------------- the arithmetic
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w (out, in) float -> q (out, in) int8, scale (out,) float32,
+    with w ~ q * scale[:, None]. All-zero rows get scale 1 (any scale represents them exactly)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (out, in)
+    scale = torch.empty(w.size(0), dtype=torch.float32, device=w.device)  # (out,)
+    for i in range(0, w.size(0), ROWS_PER_CHUNK):
+        rows = w[i: i + ROWS_PER_CHUNK].float()  # (r, in)
+        largest = torch.maximum(rows.amax(1), -rows.amin(1))  # (r,) max |w| without an |w| copy
+        s = torch.where(largest > 0, largest / 127, torch.ones_like(largest))  # (r,)
+        q[i: i + ROWS_PER_CHUNK] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+        scale[i: i + ROWS_PER_CHUNK] = s
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """q (out, in) int8, scale (out,) -> the float weight q * scale[:, None] that the int8 one stands for."""
+    return q.to(dtype) * scale.to(dtype)[:, None]  # (out, in)
+
+
+# ----------------------------------------------------------------------------- the fbgemm kernel
+
+
+@functools.cache
+def fbgemm_available() -> bool:
+    """fbgemm is PyTorch's x86 int8 GEMM library (AVX2 / AVX-512 / VNNI kernels)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    """int8 weight (out, in), scales (out,), float bias -> fbgemm's packed weight (an opaque object).
+
+    PyTorch's packing op reads a per-channel "quantized tensor"; we build one for the call only (a
+    transient copy of one matrix). The quantized engine is a process-wide setting that chooses which
+    library packs; we choose fbgemm explicitly for this call and restore the user's setting."""
+    with warnings.catch_warnings():  # PyTorch deprecates quantized tensors in favour of torchao
+        warnings.simplefilter("ignore", UserWarning)
+        zero = torch.zeros(q.size(0), dtype=torch.long)
+        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)  # (out, in) qint8
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float().contiguous())
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def fbgemm_unpack(packed) -> torch.Tensor:
+    """fbgemm's packed weight -> the int8 matrix (out, in) it was packed from (exactly)."""
+    return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
+
+
+@functools.cache
+def fbgemm_reduce_range() -> bool:
+    """Whether fbgemm's kernel on this CPU needs 7-bit activations to avoid int16 saturation (see the
+    module docstring). One input built to saturate: x = [-1, 1, ..., 1] quantizes to uint8 0 and
+    255, the weights are all +127, so each pair of products is 2 * 255 * 127 > 32767. Without
+    saturation the answer is 62; with it, far off."""
+    x = torch.ones(2, 64)
+    x[:, 0] = -1
+    packed = fbgemm_pack(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127), None)
+    y = torch.ops.quantized.linear_dynamic(x, packed, False)  # (2, 8)
+    return not bool(((y - 62).abs() < 2).all())
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias with int8 weights q (out, in), float scales (out,) and bias (out,).
+
+    The three are registered buffers: state_dict, load_state_dict, torch.save and .to() treat them
+    like any module's tensors. On a CPU with fbgemm the weight is packed into fbgemm's layout on the
+    first forward (or by pack()); packing releases the plain int8 buffer (self.weight is then None)
+    so that one copy of the weights is resident, and unpack() restores it exactly. Saving, loading
+    and moving unpack first; the next forward packs again. Elsewhere (CUDA, no fbgemm) forward
+    multiplies float activations by the int8 weight converted to float (weight-only int8).
+    Inference only: there is no gradient through q."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        """An empty skeleton, as nn.Linear(in, out, bias): fill it with load_state_dict."""
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, device=device))  # (out,) float32
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)  # (out,)
+        self.packed = None  # fbgemm's copy of weight, scale and bias (then self.weight is None), or None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """Quantize a float weight (out, in) and keep the float bias (out,). (The tied output head is
+        better built by int8_head, from the int8 embedding, so the table is quantized once.)"""
+        m = cls(weight.size(1), weight.size(0), bias is not None, device="meta")  # no allocation
+        m.weight, m.scale = quantize_weight(weight.detach())
+        m.bias = None if bias is None else bias.detach().float()
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        return cls.from_weight(linear.weight, linear.bias)
+
+    def use_fbgemm(self) -> bool:
+        return self.scale.device.type == "cpu" and fbgemm_available()
+
+    def pack(self) -> "Int8Linear":
+        """Move the int8 weight into fbgemm's layout (CPU with fbgemm only; otherwise a no-op)."""
+        if self.packed is None and self.use_fbgemm():
+            self.packed = fbgemm_pack(self.weight, self.scale.float(), self.bias)
+            self.weight = None  # fbgemm's copy is now the only one (see the module docstring)
+        return self
+
+    def unpack(self) -> "Int8Linear":
+        """Bring the plain int8 buffer back from fbgemm's copy and drop the packed one."""
+        if self.packed is not None:
+            self.weight, self.packed = fbgemm_unpack(self.packed), None
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        self.pack()  # rebuilds the cache after load_state_dict or a move; a no-op once packed
+        if self.packed is not None:
+            y = torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, fbgemm_reduce_range())
+            return y.to(x.dtype)
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)  # (..., out): scale the outputs, not W
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    # nn.Module's own machinery reads and writes registered buffers; give it the plain int8 one.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # while packed: scale, bias (weight is None)
+        if self.packed is None:
+            return
+        destination[prefix + "weight"] = fbgemm_unpack(self.packed)  # a copy made for saving; stays packed
+        destination.move_to_end(prefix + "scale")  # keep the order weight, scale, bias
+        if self.bias is not None:
+            destination.move_to_end(prefix + "bias")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.unpack()  # the loaded weight lands in the plain buffer; the next forward packs it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cpu(), .cuda(), .float(), ...
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"packed={self.packed is not None}")
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding from an int8 table (V, D) with a float scale per row: a lookup dequantizes only
+    the rows it reads, so the float table need not exist. Built from the same matrix as the tied
+    output head, with the same per-row scales, it holds exactly the head's int8 values."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(num_embeddings, device=device))  # (V,) float32
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor) -> "Int8Embedding":
+        """Quantize a float table (V, D), one scale per row (per token)."""
+        m = cls(*weight.shape, device="meta")
+        m.weight, m.scale = quantize_weight(weight.detach())
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
+        return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear in `model` by an Int8Linear built from it, in place, and return the
+    model. Each float layer is dropped as soon as its int8 twin exists (and, on CPU, is packed), so
+    at most one layer is held twice: the peak is the float model plus one layer, never two models.
+    The embedding and the output head are not nn.Linear modules: see int8_embedding_and_head."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Int8Linear.from_linear(child).pack())  # the float child is freed here
+        else:
+            quantize_int8(child)
+    return model
+
+
+def int8_head(embedding: Int8Embedding, final_logits_bias: torch.Tensor | None = None) -> Int8Linear:
+    """The tied output head h (..., D) -> logits (..., V) from an int8 embedding table: the same int8
+    rows and scales, plus `final_logits_bias` (1, V) or (V,) (PEGASUS-X has none). On CPU the head
+    packs its own copy for fbgemm and drops its reference to the table, which the embedding keeps."""
+    V, D = embedding.weight.shape
+    head = Int8Linear(D, V, final_logits_bias is not None, device="meta")
+    head.weight, head.scale = embedding.weight, embedding.scale
+    head.bias = None if final_logits_bias is None else final_logits_bias.detach().float().reshape(-1).clone()
+    return head.pack()
+
+
+def int8_embedding_and_head(shared_weight: torch.Tensor, final_logits_bias: torch.Tensor | None = None
+                            ) -> tuple[Int8Embedding, Int8Linear]:
+    """The tied token embedding (V, D) quantized once: an Int8Embedding for lookups and its int8_head."""
+    embedding = Int8Embedding.from_weight(shared_weight)
+    return embedding, int8_head(embedding, final_logits_bias)
