@@ -13,8 +13,8 @@ logits_process.py) token for token, including two of its quirks, pointed out whe
 
 A search rule is a small class with `width` (hypotheses per document), `fill` (the padding id of
 finished texts), `step(model, h, seqs, t) -> (finished, parents)` and `result(seqs, t)`; the step
-loop in `generate` knows nothing else about it, so another rule (say, the original PEGASUS beam
-search) is one more class and one more line in `search_rule`.
+loop in `generate` knows nothing else about it: the original PEGASUS beam search
+(`OriginalBeamSearch`, search="original") is one more class and one more line in `search_rule`.
 """
 
 from collections.abc import Callable
@@ -44,6 +44,9 @@ class DecodingOptions:
     top_p: float = 1.0  # sampling: keep the smallest most likely set whose probability reaches top_p
     seed: int | None = None  # sampling: seed of a private generator (None: torch's global one)
     length_norm: str = "reference"  # "reference" (length ** alpha) or "gnmt" (((5 + length) / 6) ** alpha)
+    # "reference": transformers' rules (Sampler, BeamSearch); "original": the PEGASUS TF code's
+    # (OriginalBeamSearch; greedy without the reference's logits processors when num_beams is 1).
+    search: str = "reference"
     use_cache: bool = True  # False re-runs the whole prefix every step (slow, obviously correct)
     # Greedy's argmax over the vocabulary, h (N, D) and constrain -> ids (N,). None: the argmax of the
     # full logits. onednn.ScreenedArgmax gives the same ids reading a quarter of the output matrix.
@@ -62,6 +65,11 @@ class Tokens:
 def resolve(options: DecodingOptions, model) -> tuple[DecodingOptions, Tokens]:
     """Options with every None replaced by the checkpoint's value or the reference's default, and the special ids."""
     gc, cfg = model.generation_config, model.config
+    if options.search == "original":
+        # The original has no n-gram ban, and its minimum length (beam_min) is 0 in every published
+        # config (pegasus/params/public_params.py:59): the checkpoint's min_length is the reference's.
+        options = replace(options, min_new_tokens=options.min_new_tokens or 0,
+                          no_repeat_ngram_size=options.no_repeat_ngram_size or 0)
     checkpoint = dict(max_new_tokens=gc.get("max_new_tokens", gc.get("max_length", 20) - 1),
                       min_new_tokens=gc.get("min_new_tokens", max(gc.get("min_length", 0) - 1, 0)),
                       num_beams=gc.get("num_beams", 1), length_penalty=gc.get("length_penalty", 1.0),
@@ -88,6 +96,11 @@ def check(o: DecodingOptions, input_ids, attention_mask, n_positions: int):
     if o.early_stopping not in (True, False, "never") or o.length_norm not in ("reference", "gnmt"):
         raise ValueError(f"early_stopping must be True, False or 'never' (got {o.early_stopping!r}), length_norm "
                          f"'reference' or 'gnmt' (got {o.length_norm!r})")
+    if o.search not in ("reference", "original"):
+        raise ValueError(f"search must be 'reference' or 'original', got {o.search!r}")
+    if o.search == "original" and (o.do_sample or o.no_repeat_ngram_size or (o.num_beams == 1 and o.min_new_tokens)):
+        raise ValueError("search='original' has no sampling, no n-gram ban, and (with num_beams=1, plain greedy) "
+                         "no minimum length; use search='reference' for those")
 
 
 # ----------------------------------------------------------------------------- logits processors
@@ -168,8 +181,9 @@ class BeamSearch:
     EOS included). The original PEGASUS code (pegasus/layers/beam_search.py, after Wu et al. 2016,
     GNMT) divides by ((5 + length) / 6) ** alpha: one more token changes the norm by a factor
     1 + alpha / (5 + length) instead of 1 + alpha / length, so it rewards length less, most of all
-    in short outputs. length_norm="gnmt" runs the same search with that formula: the published
-    ROUGE scores came from it, transformers' outputs from the other.
+    in short outputs. length_norm="gnmt" runs this (the reference's) search with that formula and
+    nothing else of the original: a hybrid, kept because it is a cheap, documented knob. The search
+    the published ROUGE scores came from differs in more than the formula: OriginalBeamSearch.
     """
 
     def __init__(self, o: DecodingOptions, tok: Tokens, batch: int, device):
@@ -245,8 +259,100 @@ class BeamSearch:
         return self.fin_seqs[:, :R].flatten(0, 1)[:, : 1 + longest]  # (B*R, 1+T)
 
 
+def original_score(logprob: torch.Tensor, length: int, alpha: float, beam_min: int = 0, beam_max: int = -1,
+                   start: int = 5, out_of_range: float = -1e3) -> torch.Tensor:
+    """The original's score of a finished text of `length` tokens (EOS included) with summed
+    log-probability `logprob`: GNMT's length normalisation plus a constant penalty for a length
+    outside [beam_min, beam_max] (pegasus/layers/beam_search.py:59-69; start 5 and the -1e3 penalty
+    are fixed in pegasus/layers/decoding.py:100 and :167). beam_max <= 0 means no upper limit;
+    every published config has beam_min 0 and beam_max -1 (pegasus/params/public_params.py:59-60)."""
+    score = logprob / ((start + length) / (1 + start)) ** alpha
+    too_long = beam_max > 0 and length > beam_max
+    return score + out_of_range * (length < beam_min or too_long)
+
+
+class OriginalBeamSearch:
+    """Beam search as the original PEGASUS code ran it (pegasus/layers/beam_search.py, called by
+    pegasus/layers/decoding.py:159-172; in the style of tensor2tensor's). Line numbers below are
+    those of google-research/pegasus at commit 1b49290.
+
+    The step is the reference's: grow the 2K best continuations of the K running ("alive") beams by
+    summed log-probability, the K best of those that did not end run on. The rest differs:
+
+                       reference (BeamSearch)                   original (this class)
+      finished from    ended candidates ranked in the first K   every ended one of the 2K (l. 133-141)
+      finished score   sum(log p) / len ** alpha                sum(log p) / ((5 + len) / 6) ** alpha
+                                                                  - 1000 if len < beam_min (l. 59-69)
+      minimum length   EOS blocked before min_new_tokens        the -1000 above, EOS never blocked
+      stops            when no beam can still win, or all end   never: max_new_tokens steps (l. 161)
+      length limit     the last step ends every beam (forced    none: an alive beam may be returned,
+                       EOS where the config has one)              unfinished (l. 173-181)
+      result           the best finished texts                  per slot i: the i-th best finished
+                                                                  text if it holds EOS, else the
+                                                                  i-th alive beam (l. 173-181)
+
+    len counts the generated tokens, EOS included (length_norm_fn(..., i + 1) at step i, l. 133).
+    beam_min is min_new_tokens + 1, so the lengths the reference's min_new_tokens forbids are the
+    ones penalised. A text is finished when it holds EOS (l. 122-123, 174-175); alive texts never
+    do, since candidates that end are kept out of the alive set (l. 126-127). Texts are padded with
+    0, not EOS (the zeros of l. 155 and decoding.py:170; an EOS pad would read as "finished"). The
+    decoded text is cut at the first EOS (pegasus/eval/text_eval.py:43-45). There are no other
+    logits processors: no n-gram ban, no forced EOS. Ties go to the lower index in TF's top_k
+    (l. 25); torch.topk does not promise an order for ties. length_norm does not apply here: the
+    original has one formula.
+    """
+
+    def __init__(self, o: DecodingOptions, tok: Tokens, batch: int, device):
+        K, L = o.num_beams, 1 + o.max_new_tokens
+        self.o, self.tok, self.B, self.width, self.fill = o, tok, batch, K, tok.pad
+        self.scores = torch.zeros(batch, K, device=device)  # (B, K) alive: sum of log-probs
+        self.scores[:, 1:] = NEG  # [0, -inf, ...] (l. 151): all beams start identical, only one expands
+        self.fin_seqs = torch.full((batch, K, L), self.fill, dtype=torch.long, device=device)  # (B, K, L)
+        self.fin_seqs[:, :, 0] = tok.start
+        self.fin_scores = torch.full((batch, K), NEG, device=device)  # (B, K) best first
+        self.fin_len = torch.zeros(batch, K, dtype=torch.long, device=device)
+        self.first_row = torch.arange(batch, device=device)[:, None] * K  # (B, 1)
+
+    def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int) -> tuple[bool, torch.Tensor]:
+        o, B, K = self.o, self.B, self.width
+        logprobs = F.log_softmax(model.logits(h).float(), dim=-1)  # (B*K, V), no logits processors
+        V = logprobs.size(-1)
+        total = (logprobs.view(B, K, V) + self.scores[:, :, None]).view(B, K * V)  # (B, K*V)
+        top, idx = total.topk(2 * K)  # (B, 2K) best first (l. 116)
+        parent = self.first_row + idx // V  # (B, 2K)
+        cand = seqs[parent]  # (B, 2K, L)
+        cand[:, :, t + 1] = idx % V
+        ended = cand[:, :, t + 1] == self.tok.eos  # (B, 2K); alive texts hold no EOS before this one
+        # Alive: the K best that did not end (l. 126-130).
+        self.scores, keep = (top + ended * NEG).topk(K)  # (B, K)
+        seqs.copy_(cand.gather(1, keep[:, :, None].expand(-1, -1, cand.size(2))).flatten(0, 1))  # (B*K, L)
+        # Finished: every ended candidate competes with the K kept so far, whatever its rank (l. 133-141).
+        score = original_score(top, t + 1, o.length_penalty, beam_min=o.min_new_tokens + 1) + ~ended * NEG
+        self.fin_scores, best = torch.cat([self.fin_scores, score], 1).topk(K)  # (B, K) of 3K
+        self.fin_len = torch.cat([self.fin_len, torch.full_like(idx, t + 1)], 1).gather(1, best)
+        L = cand.size(2)
+        self.fin_seqs = torch.cat([self.fin_seqs, cand], 1).gather(1, best[:, :, None].expand(-1, -1, L))
+        return False, parent.gather(1, keep).flatten()  # never finished early: l. 161 "Always do T iterations"
+
+    def result(self, seqs: torch.Tensor, t: int) -> torch.Tensor:
+        """Per slot, the finished text if it holds EOS, else the alive one (l. 173-181)."""
+        B, K, R = self.B, self.width, self.o.num_return_sequences
+        real = (self.fin_seqs == self.tok.eos).any(-1)  # (B, K)
+        out = torch.where(real[:, :, None], self.fin_seqs, seqs.view(B, K, -1))[:, :R]  # (B, R, L)
+        length = torch.where(real, self.fin_len, t + 1)[:, :R]  # (B, R)
+        return out.flatten(0, 1)[:, : 1 + int(length.max())]  # (B*R, 1+T)
+
+
 def search_rule(o: DecodingOptions, tok: Tokens, batch: int, device):
     """The search rule the options ask for."""
+    if o.search == "original":
+        if o.num_beams > 1:
+            return OriginalBeamSearch(o, tok, batch, device)
+        # Beam size 1 is plain greedy in the original (pegasus/layers/decoding.py:140-157): argmax until
+        # every row holds EOS or max_new_tokens, no logits processors (check() refused the others), no
+        # forced EOS. Greedy pads with 0 after EOS where the original keeps writing argmaxes; the
+        # text, cut at the first EOS, is the same.
+        return Sampler(o, replace(tok, forced_eos=None), batch, device)
     return BeamSearch(o, tok, batch, device) if o.num_beams > 1 else Sampler(o, tok, batch, device)
 
 
