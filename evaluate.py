@@ -93,21 +93,24 @@ def read_done(output: Path, records: list[dict]) -> list[str]:
 
 
 def evaluate(records: list[dict], model, *, output: Path | None = None, batch_size: int = 8,
-             dtype="float32", device="cpu", **generation_args) -> tuple[list[str], dict[str, float]]:
+             dtype="float32", device="cpu", original: bool = False,
+             **generation_args) -> tuple[list[str], dict[str, float]]:
     """Summaries of every record's "text" and their ROUGE against its "summary". `model` is a hub id,
     a directory or a (model, tokenizer) pair, loaded only if something is left to summarize. With
-    `output`, records already there are skipped and new ones appended, one chunk at a time."""
+    `output`, records already there are skipped and new ones appended, one chunk at a time.
+    original=True: the checkpoint run as the original code did (generate.summarize)."""
     predictions = read_done(output, records) if output is not None else []
     todo = records[len(predictions):]
     if todo:
-        net = model if isinstance(model, tuple) else load(model, dtype, device)
+        net = model if isinstance(model, tuple) else load(model, dtype, device, original=original)
         chunk = batch_size * CHUNK_BATCHES
         with tqdm(total=len(records), initial=len(predictions), unit="summary", file=sys.stderr,
                   disable=None) as bar, \
                 (open(output, "a", encoding="utf-8") if output is not None else open(os.devnull, "w")) as out:
             for start in range(0, len(todo), chunk):
                 part = todo[start: start + chunk]
-                summaries = summarize([r["text"] for r in part], net, batch_size=batch_size, **generation_args)
+                summaries = summarize([r["text"] for r in part], net, batch_size=batch_size, original=original,
+                                      **generation_args)
                 out.write("".join(json.dumps(r | {"prediction": s}, ensure_ascii=False) + "\n"
                                   for r, s in zip(part, summaries)))
                 out.flush()
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
         help="weight precision (default: %(default)s; float16 needs a GPU)")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
+    add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "
+                                                "formula, beam search and '<n>' newlines (default: the reference's)")
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2, before any model is loaded
         for flag, value in (("--batch-size", args.batch_size), ("--num-beams", args.num_beams),
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     try:  # problems with the model: exit status 1
         _, scores = evaluate(records, args.model, output=args.output, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             length_penalty=args.length_penalty)
+                             length_penalty=args.length_penalty, original=args.original)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

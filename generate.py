@@ -24,6 +24,7 @@ from data import read_records
 from decoding import DecodingOptions, generate
 from load_weights import load_model
 from onednn import screened_argmax, use_onednn
+from tokenizer import n_to_newline
 
 __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 
@@ -34,29 +35,41 @@ _LOADED = {}  # (name, dtype, device) -> (model, tokenizer): summarize() loads e
 _ARGMAX = {}  # id(model) -> greedy's screened argmax (onednn.ScreenedArgmax) for the models load() made
 
 
-def load(name_or_path, dtype="float32", device="cpu", revision=None):
+def load(name_or_path, dtype="float32", device="cpu", revision=None, original: bool = False):
     """(model, tokenizer) from a hub id or a checkpoint directory, cached for this process; float32
     on CPU runs its matmuls through oneDNN (use_onednn) and greedy decoding's argmax through
-    onednn.ScreenedArgmax, which summarize() passes to generate() for these models."""
-    key = (str(name_or_path), str(dtype), str(device), revision)
+    onednn.ScreenedArgmax, which summarize() passes to generate() for these models. original: see
+    load_weights.load_model (the TF positions and "<n>" newlines)."""
+    key = (str(name_or_path), str(dtype), str(device), revision, original)
     if key not in _LOADED:
         # Not memory-mapped: use_onednn then frees each original weight as it converts it.
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision)
+        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
+                                      original=original)
         _LOADED[key] = use_onednn(model), tokenizer
         _ARGMAX[id(model)] = screened_argmax(model)
     return _LOADED[key]
 
 
 def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype="float32", device="cpu",
-              progress: bool = False, stats: dict | None = None, **generation_args) -> list[str]:
+              progress: bool = False, stats: dict | None = None, original: bool = False,
+              **generation_args) -> list[str]:
     """Summaries of a text or a list of texts: what the reference's pipeline("summarization") gives.
     `model` is a hub id, a directory (both loaded once, see load) or a (model, tokenizer) pair, used
     as it is; generation_args go to generate() (options=DecodingOptions(...) and/or its keyword
-    overrides). `stats`, if given, receives token count and time."""
+    overrides). `stats`, if given, receives token count and time.
+
+    original=True runs the checkpoint as the original PEGASUS code did (README, "Reference or
+    original"): the TF position formula, "<n>" newlines (in the text and in the summary) and the
+    original beam search (search="original"). A (model, tokenizer) pair must then come from
+    load_model(..., original=True)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("empty input: every text to summarize must be a non-empty string")
-    net, tok = model if isinstance(model, tuple) else load(model, dtype, device)
+    net, tok = model if isinstance(model, tuple) else load(model, dtype, device, original=original)
+    if original:
+        if net.config.position_formula != "original" or not tok.newline_to_n:
+            raise ValueError("original=True needs a model and tokenizer from load_model(..., original=True)")
+        generation_args.setdefault("search", "original")
     generation_args.setdefault("argmax", _ARGMAX.get(id(net)))  # None (the full argmax) for models load() did not make
     limit, eos, device = net.config.max_position_embeddings, net.config.eos_token_id, net.shared.weight.device
     encoded = [tok.encode(t) for t in texts]
@@ -220,6 +233,8 @@ def main(argv=None) -> int:
     add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
     add("--verbose", action="store_true", help="print load time, speed and peak memory to stderr")
+    add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "
+                                                "formula, beam search and '<n>' newlines (default: the reference's)")
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2
         for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens),
@@ -239,7 +254,7 @@ def main(argv=None) -> int:
         return 2
     try:  # problems with the model: exit status 1
         started, stats = time.perf_counter(), {}
-        model = load(args.model, args.dtype, args.device, args.revision)
+        model = load(args.model, args.dtype, args.device, args.revision, original=args.original)
         loaded = time.perf_counter() - started
         limit = model[0].config.max_position_embeddings  # known only now, from the checkpoint's config
         if args.max_new_tokens is not None and args.max_new_tokens > limit:
@@ -248,10 +263,14 @@ def main(argv=None) -> int:
             return 2
         summaries = summarize(texts, model, batch_size=args.batch_size, stats=stats,
                               progress=len(texts) > args.batch_size, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty)
+                              max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                              original=args.original)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"error: {e}", file=sys.stderr)
         return 1
+    # "<n>" shown as a line break, in every mode: the reference's pegasus-cnn_dailymail writes it
+    # literally between sentences (in JSON lines, a real newline in the string: "\n").
+    summaries = [n_to_newline(s) for s in summaries]
     if records is not None:
         summaries = [json.dumps(r | {"summary": s}, ensure_ascii=False) for r, s in zip(records, summaries)]
     if args.output is not None:

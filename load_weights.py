@@ -13,6 +13,7 @@ copy of the weights.
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -232,18 +233,25 @@ def read_config(ckpt: Path):
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True,
-               revision: str | None = None):
+               revision: str | None = None, original: bool = False):
     """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum
     (at `revision`: a branch, tag or commit; default main). The weights may be stored in any float
-    dtype; they are converted to `dtype`."""
+    dtype; they are converted to `dtype`.
+
+    original=True runs the checkpoint as the original TF code did: the sinusoid frequencies it was
+    trained with (pegasus.sinusoids "original"; PEGASUS-X uses them anyway) and a tokenizer that
+    maps newlines to the "<n>" piece and back. Decode with search="original" to complete the set
+    (generate.summarize(..., original=True) does all three)."""
     dtype = parse_dtype(dtype)
     ckpt = resolve(str(name_or_path), revision)
     cls, config, raw = read_config(ckpt)
+    if original:
+        config = replace(config, position_formula="original")
     generation = generation_config(ckpt, raw)
     cls.check_dtype(dtype)  # PEGASUS-X refuses float16 (see pegasus_x.py)
     tokenizer = None
     if with_tokenizer:  # read before the weights: a mismatch should fail fast
-        tokenizer = PegasusTokenizer.from_pretrained(ckpt)
+        tokenizer = PegasusTokenizer.from_pretrained(ckpt, newline_to_n=original)
         if tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"tokenizer in {ckpt} has {tokenizer.vocab_size} ids but the model expects "
                              f"{config.vocab_size}: they are not from the same checkpoint")

@@ -137,8 +137,9 @@ def test_beam_1_is_plain_greedy():
 def test_documents_of_a_batch_are_searched_apart():
     # Two copies of the late-ranked case in one batch: the same answer for each (rows don't mix).
     table = {(): {2: .6, 3: .4}, (2,): {4: .55, 1: .45}, (3,): {5: .7, 1: .3}}
+    options = DecodingOptions(search="original", num_beams=2, length_penalty=0.0, max_new_tokens=3, use_cache=False)
     out = generate(ScriptedLM(table, {1: .3, 2: .25, 3: .2, 4: .15, 5: .1}), torch.tensor([[7, 1], [8, 1]]),
-                   use_cache=False, search="original", num_beams=2, length_penalty=0.0, max_new_tokens=3)
+                   options=options)
     assert out.tolist() == [[0, 2, 1], [0, 2, 1]]
 
 
