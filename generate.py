@@ -276,6 +276,11 @@ def main(argv=None) -> int:
         corpus = records is not None and args.output is not None  # resumable; shared out under torchrun
         if "RANK" in os.environ and not corpus:
             raise ValueError("under torchrun, give a .jsonl --file and an --output: the processes share its records")
+        if "RANK" in os.environ and args.device.startswith("cuda"):  # each process takes GPU number LOCAL_RANK
+            local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local >= gpus:
+                raise ValueError(f"--device {args.device} under torchrun: process {local} of this machine needs "
+                                 f"GPU {local} and there are {gpus}; use --nproc_per_node {gpus} or fewer")
         if corpus:
             keys = record_keys(records, run_settings(args))
             done = read_parts(args.output, keys)  # parts of another run are refused now, before loading
@@ -316,7 +321,7 @@ def main(argv=None) -> int:
     if records is not None and not corpus:
         summaries = [json.dumps(r | {"summary": s}, ensure_ascii=False) for r, s in zip(records, summaries)]
     if corpus:
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()  # every process's part is complete
         if rank == 0:
             try:
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
             except OSError as e:
                 print(f"error: cannot write --output {args.output}: {e.strerror or e}", file=sys.stderr)
                 return 2
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
     elif args.output is not None:
         try:
