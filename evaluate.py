@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from data import read_records
 from generate import load, summarize
+from resumable import append_lines, complete_lines, cut_torn_line
 from tokenizer import n_to_newline
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -65,12 +66,7 @@ def read_done(output: Path, records: list[dict]) -> list[str]:
     A last line cut off mid-write (no newline) is dropped from the file: it is generated again."""
     if not output.exists():
         return []
-    try:
-        text = output.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {output}: {getattr(e, 'strerror', None) or e}") from None
-    complete, _, partial = text.rpartition("\n")
-    lines = complete.split("\n") if complete else []
+    lines = complete_lines(output)
     if len(lines) > len(records):
         raise ValueError(f"{output} has {len(lines)} lines but the data only {len(records)} records; "
                          "it belongs to other data: delete it or choose another --output")
@@ -86,9 +82,7 @@ def read_done(output: Path, records: list[dict]) -> list[str]:
             raise ValueError(f"{output}:{n}: is not data record {n}; it belongs to other data: "
                              "delete it or choose another --output")
         done.append(row["prediction"])
-    if partial:
-        with open(output, "r+b") as f:  # drop the half-written line
-            f.truncate(len(complete.encode("utf-8")) + (1 if complete else 0))
+    cut_torn_line(output)  # a half-written last line: generated again
     return done
 
 
@@ -111,10 +105,9 @@ def evaluate(records: list[dict], model, *, output: Path | None = None, batch_si
                 part = todo[start: start + chunk]
                 summaries = summarize([r["text"] for r in part], net, batch_size=batch_size, original=original,
                                       **generation_args)
-                out.write("".join(json.dumps(r | {"prediction": s}, ensure_ascii=False) + "\n"
-                                  for r, s in zip(part, summaries)))
-                out.flush()
-                os.fsync(out.fileno())  # on disk before the next chunk starts: what is there is complete
+                # on disk before the next chunk starts: what is there is complete
+                append_lines(out, [json.dumps(r | {"prediction": s}, ensure_ascii=False)
+                                   for r, s in zip(part, summaries)])
                 predictions += summaries
                 bar.update(len(part))
     return predictions, rouge(predictions, [r["summary"] for r in records])

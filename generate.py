@@ -12,18 +12,21 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import read_records
 from decoding import DecodingOptions, generate
 from load_weights import load_model
 from onednn import screened_argmax, use_onednn
+from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
 
 __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
@@ -50,13 +53,21 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     return _LOADED[key]
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar lengths (less padding), shortest first: the batches summarize()
+    decodes. Python's sort is stable, so equal lengths keep their input order."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype="float32", device="cpu",
-              progress: bool = False, stats: dict | None = None, original: bool = False,
-              **generation_args) -> list[str]:
+              progress: bool = False, stats: dict | None = None, numbers: list[int] | None = None,
+              original: bool = False, **generation_args) -> list[str]:
     """Summaries of a text or a list of texts: what the reference's pipeline("summarization") gives.
     `model` is a hub id, a directory (both loaded once, see load) or a (model, tokenizer) pair, used
     as it is; generation_args go to generate() (options=DecodingOptions(...) and/or its keyword
-    overrides). `stats`, if given, receives token count and time.
+    overrides). `stats`, if given, receives token count and time; `numbers` are what notes call the
+    texts (default 1, 2, ...).
 
     original=True runs the checkpoint as the original PEGASUS code did (README, "Reference or
     original"): the TF position formula, "<n>" newlines (in the text and in the summary) and the
@@ -75,11 +86,11 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
     encoded = [tok.encode(t) for t in texts]
     for i, ids in enumerate(encoded):
         if len(ids) > limit:  # the model has no positions beyond its table: keep the start, as the reference does
-            print(f"note: text {i + 1} has {len(ids)} tokens; truncated to the model's {limit}", file=sys.stderr)
+            number = numbers[i] if numbers else i + 1
+            print(f"note: text {number} has {len(ids)} tokens; truncated to the model's {limit}", file=sys.stderr)
             encoded[i] = ids[: limit - 1] + [eos]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
     summaries, n_tokens, started = [None] * len(texts), 0, time.perf_counter()
-    batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(ids) for ids in encoded], batch_size)
     for idx in tqdm(batches, unit="batch", disable=not progress, file=sys.stderr):
         rows = [encoded[i] for i in idx]
         lengths, width = torch.tensor([len(r) for r in rows], device=device), max(map(len, rows))  # (b,)
@@ -95,6 +106,45 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
     if stats is not None:
         stats.update(tokens=n_tokens, seconds=time.perf_counter() - started)
     return summaries
+
+
+# ----------------------------------------------------------------------------- a corpus: sharded, resumable
+# `--file docs.jsonl --output out.jsonl`, in one process or in several started by torchrun (one per
+# GPU, on one machine or several). The records are cut into the length-sorted batches ONE process
+# would decode (length_batches over all of them), and the batches are dealt out round-robin: each
+# process gets short and long ones alike, and every summary is computed in exactly the batch, hence
+# with exactly the numbers, of a single-process run. Each decoded batch is appended to the process's
+# part file at once (resumable.py); a rerun, with any number of processes, deals out only the
+# batches that are not done; process 0 merges the parts into --output in input order at the end.
+
+KILL_AFTER = "GENERATE_KILL_AFTER_BATCHES"  # tests only: SIGKILL this process after writing N batches
+
+
+def summarize_share(records: list[dict], done: dict, model, writer: PartWriter, *, rank: int = 0, world: int = 1,
+                    batch_size: int = 8, progress: bool = False, stats: dict | None = None, **generation_args):
+    """Summarize this process's share of the records not in `done`, appending each batch to `writer`."""
+    net, tok = model
+    limit = net.config.max_position_embeddings
+    lengths = [min(len(tok.encode(r["text"])), limit) for r in records]  # as summarize() truncates
+    todo = [b for b in length_batches(lengths, batch_size) if any(i not in done for i in b)]
+    mine, kill_after = todo[rank::world], int(os.environ.get(KILL_AFTER, 0))
+    tokens, seconds, batch_stats = 0, 0.0, {}
+    for n, batch in enumerate(tqdm(mine, unit="batch", disable=not progress, file=sys.stderr), start=1):
+        summaries = summarize([records[i]["text"] for i in batch], model, batch_size=len(batch), stats=batch_stats,
+                              numbers=[i + 1 for i in batch], **generation_args)
+        new = [(i, s) for i, s in zip(batch, summaries) if i not in done]  # a torn line's record: its batch again
+        writer.write([i for i, _ in new], [s for _, s in new])
+        tokens, seconds = tokens + batch_stats["tokens"], seconds + batch_stats["seconds"]
+        if n == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a crash or a preempted machine would: no clean-up at all
+    if stats is not None:
+        stats.update(tokens=tokens, seconds=seconds)
+
+
+def run_settings(args) -> dict:
+    """The flags that shape a summary: a part file written with others is not resumed from."""
+    return {k: v for k, v in vars(args).items() if k not in ("text", "file", "output", "device", "batch_size",
+                                                              "verbose")}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -188,18 +238,6 @@ def check_output(path: Path | None):
         raise ValueError(f"--output {path}: cannot write in directory {parent} ({e.strerror or e})") from None
 
 
-def write_atomically(path: Path, text: str):
-    """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (not the usage block), exit status 2."""
 
@@ -249,9 +287,28 @@ def main(argv=None) -> int:
         check_device(args.device, args.dtype)
         check_output(args.output)
         texts, records = read_documents(args)
+        corpus = records is not None and args.output is not None  # resumable; shared out under torchrun
+        if "RANK" in os.environ and not corpus:
+            raise ValueError("under torchrun, give a .jsonl --file and an --output: the processes share its records")
+        if "RANK" in os.environ and args.device.startswith("cuda"):  # each process takes GPU number LOCAL_RANK
+            local, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local >= gpus:
+                raise ValueError(f"--device {args.device} under torchrun: process {local} of this machine needs "
+                                 f"GPU {local} and there are {gpus}; use --nproc_per_node {gpus} or fewer")
+        if corpus:
+            keys = record_keys(records, run_settings(args))
+            done = read_parts(args.output, keys)  # parts of another run are refused now, before loading
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rank, world = 0, 1
+    if corpus and "RANK" in os.environ:  # started by torchrun
+        from train import setup_distributed  # the process group train.py joins: gloo on CPU, NCCL on GPUs
+        rank, _, world, args.device = setup_distributed(args.device)  # cuda -> cuda:LOCAL_RANK
+        dist.barrier()  # every process has read the parts before any process appends to them
+    if corpus and done and rank == 0:
+        print(f"resuming: {len(done)} of {len(records)} records are already summarized in "
+              f"{part_path(args.output, '*')}", file=sys.stderr)
     try:  # problems with the model: exit status 1
         started, stats = time.perf_counter(), {}
         model = load(args.model, args.dtype, args.device, args.revision, original=args.original)
@@ -261,19 +318,43 @@ def main(argv=None) -> int:
             print(f"error: --max-new-tokens {args.max_new_tokens} is more than {args.model} can write "
                   f"(its {limit} positions)", file=sys.stderr)
             return 2
-        summaries = summarize(texts, model, batch_size=args.batch_size, stats=stats,
-                              progress=len(texts) > args.batch_size, num_beams=args.num_beams,
-                              max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
-                              original=args.original)
+        if corpus:
+            writer = PartWriter(args.output, rank, keys)
+            summarize_share(records, done, model, writer, rank=rank, world=world, batch_size=args.batch_size,
+                            stats=stats, progress=rank == 0 and len(records) - len(done) > args.batch_size,
+                            num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                            length_penalty=args.length_penalty, original=args.original)
+            writer.close()
+        else:
+            summaries = summarize(texts, model, batch_size=args.batch_size, stats=stats,
+                                  progress=len(texts) > args.batch_size, num_beams=args.num_beams,
+                                  max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                                  original=args.original)
     except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"error: {e}", file=sys.stderr)
         return 1
     # "<n>" shown as a line break, in every mode: the reference's pegasus-cnn_dailymail writes it
     # literally between sentences (in JSON lines, a real newline in the string: "\n").
-    summaries = [n_to_newline(s) for s in summaries]
-    if records is not None:
+    if not corpus:
+        summaries = [n_to_newline(s) for s in summaries]
+    if records is not None and not corpus:
         summaries = [json.dumps(r | {"summary": s}, ensure_ascii=False) for r, s in zip(records, summaries)]
-    if args.output is not None:
+    if corpus:
+        if dist.is_initialized():
+            dist.barrier()  # every process's part is complete
+        if rank == 0:
+            try:
+                merge_parts(args.output, keys,
+                            lambda i, s: json.dumps(records[i] | {"summary": n_to_newline(s)}, ensure_ascii=False))
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            except OSError as e:
+                print(f"error: cannot write --output {args.output}: {e.strerror or e}", file=sys.stderr)
+                return 2
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    elif args.output is not None:
         try:
             write_atomically(args.output, "".join(line + "\n" for line in summaries))
         except OSError as e:
@@ -285,7 +366,7 @@ def main(argv=None) -> int:
         peak = (torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
         print(f"loaded {args.model} in {loaded:.1f} s; {stats['tokens']} summary tokens in {stats['seconds']:.1f} s "
-              f"({stats['tokens'] / stats['seconds']:.1f} tokens/s); peak memory {peak / 2**30:.2f} GiB",
+              f"({stats['tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s); peak memory {peak / 2**30:.2f} GiB",
               file=sys.stderr)
     return 0
 
