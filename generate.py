@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from data import read_records
 from decoding import DecodingOptions, generate
+from distributed import setup_distributed
 from load_weights import load_model
 from onednn import screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
@@ -303,7 +304,6 @@ def main(argv=None) -> int:
         return 2
     rank, world = 0, 1
     if corpus and "RANK" in os.environ:  # started by torchrun
-        from train import setup_distributed  # the process group train.py joins: gloo on CPU, NCCL on GPUs
         rank, _, world, args.device = setup_distributed(args.device)  # cuda -> cuda:LOCAL_RANK
         dist.barrier()  # every process has read the parts before any process appends to them
     if corpus and done and rank == 0:

@@ -18,13 +18,11 @@ transformers) plus `trainer_state.pt` (step, optimizer state, RNG, loss history)
 import argparse
 import inspect
 import json
-import os
 import random
 import re
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
-from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import UnionType
@@ -40,6 +38,7 @@ from tqdm import tqdm
 import pegasus
 from data import read_documents, read_jsonl
 from decoding import generate
+from distributed import gather_objects, mean_over_processes, rank_and_world, setup_distributed
 from load_weights import load_model, model_class, save_model
 from tokenizer import PegasusTokenizer
 
@@ -246,52 +245,6 @@ class TrainConfig:
     # memory and speed (opt-in: the float32 default is exact)
     bf16: bool = False  # forward and backward under bfloat16 autocast; weights and optimizer stay float32
     grad_checkpoint: bool = False  # recompute layer activations in backward: less memory, ~1/3 more compute
-
-
-# ----------------------------------------------------------------------------- distributed
-
-# Data parallelism (DDP): every process holds the whole model, runs its own share of each global
-# batch, and the gradients are averaged across processes (an all-reduce during backward) before
-# each identical optimizer step. torchrun starts the processes and tells each its place through
-# the environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); nanoGPT's train.py
-# has the same shape.
-
-
-def setup_distributed(device: str) -> tuple[int, int, int, str]:
-    """Join torchrun's process group if started by torchrun: (rank, local_rank, world_size, device).
-    On GPUs each process takes the GPU numbered by its local rank and talks over NCCL; on CPUs, gloo."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1, device  # a plain `python train.py`: one process, no group
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    # Process 0 evaluates while the others wait in their next all-reduce: allow a long evaluation
-    # (the default timeout is 10 minutes for NCCL).
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=2))
-    return dist.get_rank(), local_rank, dist.get_world_size(), device
-
-
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def mean_over_processes(x: float) -> float:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.float64)  # gloo and NCCL both reduce a CPU/GPU float64 fine
-    t = t.to("cuda") if dist.get_backend() == "nccl" else t
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def gather_objects(x) -> list:
-    """[x of process 0, x of process 1, ...] on every process (one collective: all must call it)."""
-    if not dist.is_initialized():
-        return [x]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, x)
-    return out
 
 
 # ----------------------------------------------------------------------------- schedule and evaluation
