@@ -4,13 +4,13 @@ The paper's low-resource experiment (PEGASUS §6.3) pretrains on a large news co
 as 10-1,000 labelled examples. Neither fits in a notebook that runs in minutes on a CPU, so this module makes
 a small stand-in of the same shape: as many short news stories as you ask for, from templates of six kinds
 (council votes, company deals, sports results, rescues, research findings, appointments) with invented
-people, towns, companies and numbers. Names are built from syllables, so a held-out story almost always
-names people and places that no training story mentions: a summarizer has to *copy* them from its input,
-which is what GSG teaches (the removed sentence has to be rebuilt from the words of the rest).
+people, towns, companies and numbers. Surnames, towns and companies are built from syllables, so a held-out
+story almost always names people and places that no training story mentions: a summarizer has to *copy*
+them from its input, which GSG is meant to teach (the removed sentence has to be rebuilt from the rest).
 
 Each story has a lead sentence with the key facts (half the stories open with a scene-setting sentence
 instead, as feature stories do), a few sentences that repeat the entities with more detail, a quote, and
-one or two distractor sentences about something else. Its summary restates the key facts in other words,
+one distractor sentence about something else. Its summary restates the key facts in other words,
 so the first sentence (Lead) is a good baseline but not the answer.
 
 This is toy data, not news: the templates are few and the language is narrow. It is only meant to make
@@ -167,8 +167,7 @@ def story(rng: random.Random, kind: str | None = None) -> tuple[str, str]:
     e = _Entities(rng)
     town, facts, summary = KINDS[kind or rng.choice(sorted(KINDS))](rng, e)
     lead, details = facts[0], facts[1:4]  # the fifth sentence of each template is left for longer stories
-    for _ in range(1):
-        details.insert(rng.randint(1, len(details)), _distractor(rng, e, town))
+    details.insert(rng.randint(1, len(details)), _distractor(rng, e, town))  # never before the first detail
     sentences = [lead] + details
     if rng.random() < 0.5:  # feature-style opening: the key facts are not in the first sentence
         sentences.insert(0, _scene(rng, town))
