@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from train import make_gsg_example, rouge1_f1, select_gap_sentences, split_sentences
+from gsg import make_gsg_example, rouge1_f1, select_gap_sentences, split_sentences
 
 
 def f1_float32(o: int, n_candidate: int, n_reference: int) -> float:

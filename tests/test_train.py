@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from data import read_documents, read_jsonl
+from gsg import make_gsg_example, num_gap_sentences, rouge1_f1, select_gap_sentences, split_sentences
 from load_weights import load_model
 from train import (
     TrainConfig,
@@ -26,11 +27,6 @@ from train import (
     evaluate,
     init_model,
     main,
-    make_gsg_example,
-    num_gap_sentences,
-    rouge1_f1,
-    select_gap_sentences,
-    split_sentences,
     train,
 )
 
