@@ -125,9 +125,17 @@ def test_evaluate_original(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("as_jsonl", [False, True])
 def test_cli_shows_n_as_a_line_break(tmp_path, monkeypatch, capsys, as_jsonl):
     # The reference's pegasus-cnn_dailymail writes a literal "<n>" between sentences.
-    fake = (type("M", (), {"config": PegasusConfig(max_position_embeddings=64)})(), None)
+    # The corpus path (.jsonl + --output) measures token lengths to batch: the fake tokenizer gives some.
+    fake = (type("M", (), {"config": PegasusConfig(max_position_embeddings=64)})(),
+            type("T", (), {"encode": lambda self, text: [5, 6, 1]})())
     monkeypatch.setattr(generate, "load", lambda *a, **k: fake)
-    monkeypatch.setattr(generate, "summarize", lambda texts, *a, **k: ["One.<n>Two. <n> Three."] * len(texts))
+
+    def fake_summarize(texts, *args, stats=None, **kwargs):
+        if stats is not None:
+            stats.update(tokens=len(texts), seconds=0.1)
+        return ["One.<n>Two. <n> Three."] * len(texts)
+
+    monkeypatch.setattr(generate, "summarize", fake_summarize)
     if as_jsonl:
         src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
         src.write_text(json.dumps({"text": "x"}) + "\n")
