@@ -33,7 +33,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)
-    model = train_toy(Pegasus(TOY), steps=400, seed=0)
+    model = train_toy(Pegasus(TOY), seed=0)
     return model, to_reference(model)
 
 

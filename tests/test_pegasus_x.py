@@ -320,7 +320,7 @@ def trained():
     with 2 globals: the 3..7-token inputs span 1 or 2 blocks, and up to 3 in the staggered layer. (It learns
     more slowly than PEGASUS at the same size; 1e-3 is a learning rate at which it reliably does.)"""
     torch.manual_seed(0)
-    model = train_toy(PegasusX(PegasusXConfig(**TOY_X)), steps=400, lr=1e-3)
+    model = train_toy(PegasusX(PegasusXConfig(**TOY_X)), lr=1e-3)
     assert model.last_toy_loss < 0.6, f"the toy model did not learn (loss {model.last_toy_loss:.2f})"
     return model, to_reference(model)
 
@@ -363,7 +363,7 @@ def test_greedy_and_beam_search_disagree_on_the_toy_task(trained):
     model, _ = trained
     greedy = texts(run_generate(model, 1, 1.0))
     # Without length normalisation beams find the (longer) copies more often. The counts depend on the
-    # random initialisation (4 of 12 at lp 0 with this seed); what matters is that neither is zero.
+    # training (measured: 8 of 12 at lp 1, 11-12 of 12 at lp 0); what matters is that neither is zero.
     for length_penalty, at_least in ((1.0, 1), (0.0, 3)):
         beam = texts(run_generate(model, 4, length_penalty))
         assert sum(g != b for g, b in zip(greedy, beam)) >= at_least, length_penalty

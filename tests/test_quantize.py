@@ -250,7 +250,7 @@ def test_random_model_bounds_catch_per_tensor_scales(kind, monkeypatch):
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)
-    model = train_toy(SeamPegasus(TOY), steps=400, seed=0)
+    model = train_toy(SeamPegasus(TOY), seed=0)
     return model, int8_twin(model)
 
 

@@ -14,8 +14,19 @@ pad_token_id / eos_token_id (PEGASUS and PEGASUS-X alike) on this task:
 The MARK branch is more likely as a whole, but it splits into four equally likely variants, so
 greedy decoding (MARK first, then a 0.14 variant) loses to beam search, which finds the 0.30 copy.
 Outputs have varied lengths, so the EOS, length-penalty and padding rules all get exercised.
+
+These properties are the task's, so they hold only if the model learns the task's distribution:
+its best loss is the task's entropy, 1.74 nats per target or 0.30 per token. `train_toy` gets to
+0.31-0.32 (copy ~0.28, half ~0.14, each variant 0.12-0.14 on held-out sources), and then greedy
+picks MARK and beam search the copy for nearly every source, whatever the seed, thread count or
+CPU kernels. One rule is the exception: under the exact task distribution early_stopping="never"
+changes no output at 2-3 beams (the heuristic early stop of early_stopping=False only cuts off a
+running beam that could still win when the finished texts score better than the MARK branch at
+its current length, and the short "half" text never does); only a model's residual errors make
+it matter.
 """
 
+import math
 from dataclasses import asdict
 
 import torch
@@ -63,11 +74,20 @@ def toy_batch(n: int, cfg, generator: torch.Generator):
     return input_ids, attention_mask, labels.masked_fill(label_mask == 0, -100)
 
 
-def train_toy(model, steps: int = 400, seed: int = 0, batch_size: int = 64, lr: float = 5e-3):
-    """Fit `model` on the toy task (Adam, short warmup) and return it in eval mode."""
+def train_toy(model, steps: int = 800, seed: int = 0, batch_size: int = 64, lr: float = 3e-3):
+    """Fit `model` on the toy task (Adam, short warmup, cosine decay to 0) and return it in eval mode.
+
+    The decay matters: at a constant rate the last steps' gradient noise leaves the four variants at
+    anything from 0.10 to 0.20 and the copy under-learned (0.12 instead of 0.30 after 400 steps at
+    5e-3), so which rule wins depended on float rounding, i.e. on the CPU. Decayed to 0 over 800
+    steps the model ends within a few percent of the task's probabilities (held-out loss 0.31-0.32
+    against the task's entropy floor of 0.30 nats per token) for every seed we tried; at 5e-3 or
+    more some initialisations never leave the unigram plateau (loss 2.1)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    warmup = 30
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     # Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP threads waiting
     # for each other make training several times slower.
     threads = torch.get_num_threads()
