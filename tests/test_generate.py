@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from toy import TOY, from_reference, pad_batch, texts, to_reference, toy_sources, train_toy
+from toy import TOY, ScriptedLM, from_reference, pad_batch, run_scripted, texts, to_reference, toy_sources, train_toy
 
 from decoding import DecodingOptions
 from generate import generate
@@ -108,10 +108,12 @@ def test_rules_change_the_output(toy, batch):
     run = lambda **kw: generate(model, *batch, **({"max_new_tokens": 14} | kw))
     greedy, beam2 = run(num_beams=1), run(num_beams=2, length_penalty=1.0)
     assert n_differ(beam2, run(num_beams=2, length_penalty=3.0)) > 0
-    for stop in (True, "never"):  # each changes some text under some of these settings
-        assert sum(n_differ(run(num_beams=k, length_penalty=lp), run(num_beams=k, length_penalty=lp,
-                                                                     early_stopping=stop))
-                   for k in (2, 3) for lp in (1.0, 2.0, 3.0)) > 0, stop
+    # early_stopping=True changes some text under some of these settings. "never" cannot, on this task:
+    # when the copy finishes, the short "half" text is still the worst finished one, and the running
+    # MARK beam beats it at every length, so early_stopping=False never stops early either (toy.py);
+    # test_early_stopping_never_on_a_case_built_for_it shows that rule instead.
+    assert sum(n_differ(run(num_beams=k, length_penalty=lp), run(num_beams=k, length_penalty=lp, early_stopping=True))
+               for k in (2, 3) for lp in (1.0, 2.0, 3.0)) > 0
     assert n_differ(greedy, run(num_beams=1, no_repeat_ngram_size=1)) > 0
     assert n_differ(run(num_beams=4), run(num_beams=4, no_repeat_ngram_size=2)) > 0
     at_least_8 = run(num_beams=4, min_new_tokens=8, max_new_tokens=10)
@@ -248,3 +250,18 @@ def test_converted_model_registers_its_tensors_and_refuses_to_save_or_move(toy, 
         with pytest.raises(ValueError, match="oneDNN-packed weights .* cannot change device or dtype"):
             move(fast)
     save_model(model, tmp_path / "plain")  # the unconverted model saves as before
+
+
+def test_early_stopping_never_on_a_case_built_for_it():
+    # K = 2, length_penalty 1 (score = sum log p / length), a scripted LM (toy.ScriptedLM), 10 steps.
+    # Step 0: [EOS] .5 ends, ranked first: finished, -0.69/1 = -0.69. [2] .45 and [3] .05 run on.
+    # Step 1: [2,EOS] .45*.9 ranks first and ends: finished, (-0.80 - 0.11)/2 = -0.45. Running:
+    # [3,5] .05*.99 (log -3.01) and [2,4] .45*.1 (log -3.10).
+    # early_stopping=False scores the best running beam at the current length, -3.01/2 = -1.5, below
+    # the worst finished (-0.69): stop, answer [2,EOS]. "never" scores it at the length limit,
+    # -3.01/10 = -0.30 > -0.69: go on. [3,5] then continues with probability 1 (the table's default)
+    # until the limit ends it at length 10 with score -0.30, above -0.45: answer [3,5,5,...].
+    table = {(): {1: .5, 2: .45, 3: .05}, (2,): {1: .9, 4: .1}, (3,): {1: .01, 5: .99}}
+    options = dict(num_beams=2, length_penalty=1.0, max_new_tokens=10)
+    assert run_scripted(ScriptedLM(table), **options) == [[0, 2, 1]]
+    assert run_scripted(ScriptedLM(table), early_stopping="never", **options) == [[0, 3] + [5] * 9]

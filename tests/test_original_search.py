@@ -6,51 +6,14 @@ expected outcome is derived in the comments, never computed by the code under te
 loop (decoding.generate, use_cache=False) runs it. Vocabulary: 0 pad/start, 1 EOS, 2..5 words.
 """
 
-import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from toy import ScriptedLM
+from toy import run_scripted as run
 
 from decoding import DecodingOptions, generate, original_score
-
-V, EPS = 6, 1e-9  # tokens a table row leaves out get probability EPS
-
-
-class ScriptedLM:
-    """decode() hands the prefix itself on as the "hidden state"; logits() looks its generated tokens
-    (the prefix without the start token) up in `table` (else `default`) and returns log-probabilities."""
-
-    def __init__(self, table: dict, default: dict | None = None, forced_eos: int | None = None):
-        self.table, self.default, self.calls = table, default or {5: 1.0}, 0
-        self.config = SimpleNamespace(max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
-                                      decoder_start_token_id=0, forced_eos_token_id=forced_eos)
-        self.generation_config = {}
-
-    def encode(self, input_ids, attention_mask=None):
-        return torch.zeros(input_ids.size(0), 1, 1)
-
-    def decode(self, prefix, encoder_out=None, attention_mask=None):
-        self.calls += 1
-        n, T = prefix.shape
-        h = torch.full((n, T, 64), -1.0)  # (n, T, 64): the last position carries the prefix, -1 padded
-        h[:, -1, :T] = prefix
-        return h
-
-    def logits(self, h):
-        rows = []
-        for row in h:
-            generated = tuple(int(x) for x in row if x >= 0)[1:]
-            p = [EPS] * V
-            for token, prob in self.table.get(generated, self.default).items():
-                p[token] = prob
-            rows.append([math.log(x) for x in p])
-        return torch.tensor(rows)
-
-
-def run(model, **options):
-    return generate(model, torch.tensor([[7, 1]]), use_cache=False, **options).tolist()
 
 
 def test_a_late_ranked_finished_candidate_is_admitted():

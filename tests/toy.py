@@ -28,8 +28,11 @@ it matter.
 
 import math
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
+
+from decoding import generate
 
 # The toy model's shape (PegasusConfig or PegasusXConfig fields): small enough to train in seconds.
 TOY = dict(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -168,3 +171,46 @@ def from_reference(ref):
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers()  # computed buffers (position tables) were built on the meta device
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- a scripted language model
+# For rules that a trained model exercises only by chance: every probability is set by hand, so the
+# expected outcome can be worked out in the test. Vocabulary: 0 pad/start, 1 EOS, 2..5 words.
+
+V, EPS = 6, 1e-9  # tokens a table row leaves out get probability EPS
+
+
+class ScriptedLM:
+    """decode() hands the prefix itself on as the "hidden state"; logits() looks its generated tokens
+    (the prefix without the start token) up in `table` (else `default`) and returns log-probabilities."""
+
+    def __init__(self, table: dict, default: dict | None = None, forced_eos: int | None = None):
+        self.table, self.default, self.calls = table, default or {5: 1.0}, 0
+        self.config = SimpleNamespace(max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
+                                      decoder_start_token_id=0, forced_eos_token_id=forced_eos)
+        self.generation_config = {}
+
+    def encode(self, input_ids, attention_mask=None):
+        return torch.zeros(input_ids.size(0), 1, 1)
+
+    def decode(self, prefix, encoder_out=None, attention_mask=None):
+        self.calls += 1
+        n, T = prefix.shape
+        h = torch.full((n, T, 64), -1.0)  # (n, T, 64): the last position carries the prefix, -1 padded
+        h[:, -1, :T] = prefix
+        return h
+
+    def logits(self, h):
+        rows = []
+        for row in h:
+            generated = tuple(int(x) for x in row if x >= 0)[1:]
+            p = [EPS] * V
+            for token, prob in self.table.get(generated, self.default).items():
+                p[token] = prob
+            rows.append([math.log(x) for x in p])
+        return torch.tensor(rows)
+
+
+def run_scripted(model, **options):
+    """One document through the real step loop (uncached, as the scripted LM has no cache)."""
+    return generate(model, torch.tensor([[7, 1]]), use_cache=False, **options).tolist()
