@@ -15,25 +15,9 @@ import pytest
 import torch
 
 import generate
-from load_weights import save_model
-from pegasus import Pegasus, PegasusConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
 EXPECTED = "Summary Summary Summary Summary"  # max_length 6 = start + 4 tokens + forced EOS
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = Pegasus(PegasusConfig(vocab_size=96103, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                  decoder_ffn_dim=32, max_position_embeddings=64))
-    with torch.no_grad():
-        model.final_logits_bias[0, tokenizer.encode("Summary")[0]] = 20.0
-    model.generation_config = {"num_beams": 2, "max_length": 6, "length_penalty": 0.6}
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(model, path, tokenizer)
-    return path
 
 
 def cli(*args, stdin: str | None = "", env: dict | None = None):

@@ -18,8 +18,8 @@ from tiny_checkpoints import repository, tiny_model, tiny_spiece, write
 
 import evaluate
 import generate
-from load_weights import load_model, save_model
-from pegasus import Pegasus, PegasusConfig
+from load_weights import load_model
+from pegasus import PegasusConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
 
@@ -86,21 +86,6 @@ def test_summarize_original_wires_positions_newlines_and_search(tiny_dirs, monke
     # A model loaded the reference's way is refused, rather than run half-original.
     with pytest.raises(ValueError, match="load_model"):
         generate.summarize("one\ntwo", load_model(tiny_dirs["pegasus"]), original=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tokenizer):
-    """test_cli.py's: a tiny model biased to write "Summary" (the real vocabulary), max_length 6."""
-    torch.manual_seed(0)
-    model = Pegasus(PegasusConfig(vocab_size=96103, d_model=16, encoder_layers=1, decoder_layers=1,
-                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                  decoder_ffn_dim=32, max_position_embeddings=64))
-    with torch.no_grad():
-        model.final_logits_bias[0, tokenizer.encode("Summary")[0]] = 20.0
-    model.generation_config = {"num_beams": 2, "max_length": 6, "length_penalty": 0.6}
-    path = tmp_path_factory.mktemp("tiny")
-    save_model(model, path, tokenizer)
-    return path
 
 
 def test_cli_original(checkpoint):
