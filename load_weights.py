@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
+from quantize import Int8Linear, float_state_dict, quantize_model, quantize_weight
 from tokenizer import PegasusTokenizer
 
 # Keys the reference stores but we derive: tied copies of `shared` and the fixed position tables.
@@ -188,23 +189,32 @@ def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
 def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: memory-mapped (pages read on first use), or read into ordinary
     memory, where each tensor can be freed on its own (what onednn.use_onednn needs)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return dict(iter_tensors(ckpt, mmap))
+
+
+def iter_tensors(ckpt: Path, mmap: bool = True):
+    """(name, tensor) for every tensor of a checkpoint, one at a time. Without mmap a safetensors
+    tensor is read (pread) only when its turn comes, so a caller that converts each one and drops it
+    (load_model's int8 path) never holds more than one float tensor."""
+    from safetensors import SafetensorError, safe_open
     _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
     files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
     for f in files:
         if not (ckpt / f).is_file():
             raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
-    tensors = {}
     for f in files:
         if not f.endswith(".safetensors"):
-            tensors.update(read_bin(ckpt / f, mmap))
+            state = read_bin(ckpt / f, mmap)
+            for name in list(state):
+                yield name, state.pop(name)
             continue
         try:
-            tensors.update(load_file(ckpt / f, backend="mmap" if mmap else "pread"))
+            with safe_open(ckpt / f, framework="pt", backend="mmap" if mmap else "pread") as tensors:
+                names = list(tensors.keys())
+                for name in names:
+                    yield name, tensors.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
-    return tensors
 
 
 def read_config(ckpt: Path):
@@ -232,11 +242,19 @@ def read_config(ckpt: Path):
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True,
-               revision: str | None = None):
+               revision: str | None = None, quantize: str | None = None):
     """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum
     (at `revision`: a branch, tag or commit; default main). The weights may be stored in any float
-    dtype; they are converted to `dtype`."""
+    dtype; they are converted to `dtype`.
+
+    quantize="int8" (CPU, float32 activations): every linear layer and the tied embedding / output
+    head in int8 (quantize.py), quantized tensor by tensor as the checkpoint is read: the float
+    model is never built, so memory peaks near the int8 model plus one float tensor."""
     dtype = parse_dtype(dtype)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unsupported quantize={quantize!r}; the only scheme is 'int8'")
+    if quantize and dtype != torch.float32:
+        raise ValueError("quantize='int8' keeps float32 activations; leave dtype at float32")
     ckpt = resolve(str(name_or_path), revision)
     cls, config, raw = read_config(ckpt)
     generation = generation_config(ckpt, raw)
@@ -250,20 +268,28 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
 
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config)
+        if quantize:
+            quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     expected = model.state_dict()  # names and shapes (meta tensors)
     state, copies = {}, {}
-    for key, t in read_tensors(ckpt, mmap).items():
+    # int8: each tensor read on its own (no mmap: mapped pages would stay resident) and quantized at once
+    for key, t in iter_tensors(ckpt, mmap and not quantize):
         if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
             raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
                              f"type: this is not a weight this model can use")
         if key in TIED or key in POSITIONS:
-            copies[key] = t  # derived tensors: checked below, never loaded
+            copies[key] = quantize_weight(t) if quantize and key in TIED else t  # derived: checked below, never loaded
             continue
         name = key.removeprefix("model.")
         if name not in expected:
             raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
         if t.shape != expected[name].shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(expected[name].shape)}")
+        if quantize and expected[name].dtype == torch.int8:  # a matrix: int8 rows and a scale per row
+            state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
+            if name == "shared.weight":
+                copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
+            continue
         if name == "shared.weight":
             copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
         state[name] = t.to(device=device, dtype=dtype)
@@ -274,6 +300,12 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
     shared = copies.pop("shared.weight")
     for key, t in copies.items():
+        if quantize and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
+            (q, s), (q0, s0) = t, shared
+            if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
+                raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
+                                 f"this checkpoint is not a standard {config.model_type}")
+            continue
         # An untied output head or another position formula would silently give other logits. The
         # stored copy was rounded to its stored dtype (a float16 table differs from the float32
         # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
@@ -286,6 +318,10 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     model.load_state_dict(state, assign=True, strict=True)
     model.init_buffers()  # the position table was built on the meta device
     model.to(device)
+    if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.pack()
     model.generation_config = generation
     return model.eval(), tokenizer
 
@@ -308,11 +344,13 @@ def generation_config(ckpt: Path, raw_config: dict) -> dict:
 def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     """Write `model` in the Hugging Face layout, loadable here and by transformers' from_pretrained.
     Refuses (before writing anything) a model whose weights onednn.use_onednn packed: safetensors
-    cannot write oneDNN's opaque layout."""
+    cannot write oneDNN's opaque layout. An int8 model (quantize.py) is written as the float32
+    weights it computes with (quantize.float_state_dict): a float checkpoint that anything loads,
+    and that load_model(..., quantize="int8") turns back into the same int8 values."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
-    state = model.state_dict()
+    state = float_state_dict(model.state_dict())
     if any(t.is_mkldnn for t in state.values()):
         raise ValueError("cannot save a model with oneDNN-packed weights (onednn.use_onednn): save it before "
                          "converting, or load the checkpoint again without use_onednn")

@@ -67,6 +67,12 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def bf16_supported() -> bool:
+    """Whether oneDNN has fast bfloat16 kernels on this CPU (AVX-512 BF16, AMX, or AVX-512 BW/VL/DQ
+    with conversion). Without them packing bfloat16 weights is refused, and bfloat16 matmuls are slow."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class PackedTiedEmbedding(Packed, TiedEmbedding):
     """The tied embedding, whose output projection (`project`, the logits' matmul) runs through
     oneDNN on a packed copy of the matrix. The copy is made on first use (greedy decoding with
@@ -85,10 +91,13 @@ class PackedTiedEmbedding(Packed, TiedEmbedding):
 
 
 def use_onednn(model):
-    """Inference only, float32 on CPU: every nn.Linear and the tied output projection run through
-    oneDNN. Returns the model, changed in place (a no-op where oneDNN is unavailable)."""
+    """Inference only, on CPU: every nn.Linear and the tied output projection run through oneDNN.
+    float32 always; bfloat16 where the CPU has fast bfloat16 kernels (bf16_supported; oneDNN then
+    accumulates in float32 and rounds each output to bfloat16, as PyTorch's own bfloat16 matmul).
+    Returns the model, changed in place (a no-op where oneDNN or the dtype's kernels are unavailable)."""
     w = model.shared.weight
-    if not available() or w.device.type != "cpu" or w.dtype != torch.float32:
+    fast = w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_supported())
+    if not available() or w.device.type != "cpu" or not fast:
         return model
     for name in [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         owner, _, attr = name.rpartition(".")

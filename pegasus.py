@@ -377,8 +377,7 @@ class DecoderCache:
                              for layer in layers]
         self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
-        ref = model.shared.weight
-        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, ref.dtype, ref.device) for _ in layers]
+        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, model.dtype, model.device) for _ in layers]
         self.max_len = max_len
 
     def reorder(self, idx: torch.Tensor):
@@ -452,6 +451,16 @@ class Pegasus(nn.Module):
             # decoder input carries only its position signal.
             nn.init.zeros_(m.weight[m.padding_idx])
 
+    # The activations' dtype and the model's device, read from the decoder's final LayerNorm: a float
+    # tensor in every variant, where `shared.weight` is int8 in a quantized model (quantize.py).
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.layer_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.layer_norm.weight.device
+
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Position vectors for the integer positions `pos`, (T,) -> (T, D)."""
         return self.embed_positions[pos]
@@ -462,7 +471,7 @@ class Pegasus(nn.Module):
                              f"{self.config.max_position_embeddings}; truncate it")
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.shared.weight.dtype)  # (B, T, D)
+        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.dtype)  # (B, T, D)
         return F.dropout(x, self.config.dropout, self.training)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -510,8 +519,8 @@ class Pegasus(nn.Module):
                 mask = mask & padding_mask(decoder_attention_mask)  # (B, 1, T, T)
                 # As the reference, an additive mask of the most negative float: a query with no visible
                 # key (a padded first position) then attends uniformly instead of giving 0 or NaN.
-                big = torch.finfo(self.shared.weight.dtype).min
-                mask = torch.zeros(mask.shape, dtype=self.shared.weight.dtype, device=dev).masked_fill(~mask, big)
+                big = torch.finfo(self.dtype).min
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill(~mask, big)
             cross_kv = None
             if encoder_out is not None:
                 cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]

@@ -100,23 +100,23 @@ sources greedy and 46 of 48 with beam 4.
 
 How it plugs into the model
 ---------------------------
-    quantize_int8(model)                        # every nn.Linear -> Int8Linear, float weights freed
-    embedding, head = int8_embedding_and_head(model.shared.weight, model.final_logits_bias)
-    # embedding(ids) replaces model.shared(ids)  (dequantized rows, float32, (B, T, D))
-    # head(h) replaces model.logits(h)           (h (B, T, D) -> logits (B, T, V), bias included)
-The embedding and the head are separate modules because the model's single logits seam is being
-built elsewhere; once it exists, the model holds `embedding` in place of `shared` (nothing keeps
-the float table) and its logits method calls `head`. pegasus.py then needs two more small changes:
-Pegasus.embed and DecoderCache take the activation dtype and device from `shared.weight`, which is
-int8 here, so they should read them from the model (e.g. the final LayerNorm's weight) instead.
+    quantize_model(model)     # every nn.Linear -> Int8Linear, model.shared -> Int8TiedEmbedding
 
-The head's int8 weight is the embedding's (same rows, same scales): a saved int8 checkpoint should
-store it once, as float checkpoints store `shared.weight` once, and rebuild the head with
-int8_head(embedding, final_logits_bias) when loading (a plain state_dict of a model holding both
-writes it twice, 2 x 98 MB at pegasus-xsum shape). To load an int8 checkpoint without ever
-building float weights: build the model on the meta device, quantize_int8 it, attach an empty
-Int8Embedding(vocab, d_model), load_state_dict(state, assign=True), init_buffers(), then int8_head;
-each Int8Linear packs on its first forward (or call pack() on each to do it up front).
+The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
+`project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
+fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a plain attribute,
+not a buffer: a state_dict holds the table once (`shared.weight` int8, `shared.scale`), as float
+checkpoints hold `shared.weight` once. The model reads its activations' dtype and device from
+Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table.
+
+load_weights.load_model(..., quantize="int8") never builds the float model: the model is built on
+the meta device, quantize_model turns its layers into int8 skeletons, and each checkpoint tensor is
+read and quantized on its own (`quantize_weight`) before the next is read, so the float weights
+never all exist at once. save_model writes `float_state_dict`: the dequantized float32 weights
+q * s, which is the model the int8 one computes with; loading that file with quantize="int8" gives
+back the same int8 values (tests/test_int8_model.py checks it), and transformers reads it as any
+checkpoint. (int8_embedding_and_head is the same tied pair as two separate modules, for tests and
+for models other than Pegasus.)
 """
 
 import functools
@@ -300,6 +300,36 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
 
 
+class Int8TiedEmbedding(Int8Embedding):
+    """The tied token embedding in int8: lookups as Int8Embedding, and `project` h (..., D) -> h @ E^T
+    (..., V), the output head without its bias (Pegasus.logits adds final_logits_bias), from the same
+    int8 rows and scales. On CPU with fbgemm the head runs on a packed copy, made on first use and
+    kept as a plain attribute (not in state_dict: the table is saved once); loading and moving drop
+    it, and the next project packs again."""
+
+    packed = None  # fbgemm's copy of (weight, scale), or None
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8TiedEmbedding":
+        return cls.from_weight(embedding.weight)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
+        if self.scale.device.type == "cpu" and fbgemm_available():
+            if self.packed is None:
+                self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
+            y = torch.ops.quantized.linear_dynamic(h.float().contiguous(), self.packed, fbgemm_reduce_range())
+            return y.to(h.dtype)
+        return F.linear(h, self.weight.to(h.dtype)) * self.scale.to(h.dtype)  # weight-only int8
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cpu(), ...: the packed copy is rebuilt where the table lands
+        self.packed = None
+        return super()._apply(fn, recurse)
+
+
 # ----------------------------------------------------------------------------- whole models
 
 
@@ -332,3 +362,30 @@ def int8_embedding_and_head(shared_weight: torch.Tensor, final_logits_bias: torc
     """The tied token embedding (V, D) quantized once: an Int8Embedding for lookups and its int8_head."""
     embedding = Int8Embedding.from_weight(shared_weight)
     return embedding, int8_head(embedding, final_logits_bias)
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """A Pegasus / PegasusX in int8, in place: every nn.Linear (quantize_int8) and the tied embedding
+    and output head (Int8TiedEmbedding). On the meta device this builds the int8 skeleton that
+    load_weights fills from a float checkpoint without building the float model."""
+    quantize_int8(model)
+    model.shared = Int8TiedEmbedding.from_embedding(model.shared)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return isinstance(model.shared, Int8TiedEmbedding)
+
+
+def float_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A quantized model's state_dict with each int8 `X.weight` + `X.scale` pair replaced by the float32
+    weight q * s it stands for: the names and tensors of a float checkpoint (what save_model writes)."""
+    out = {}
+    for name, t in state.items():
+        base = name.removesuffix(".scale")
+        if name.endswith(".scale") and state.get(base + ".weight", t).dtype == torch.int8:
+            continue  # folded into its weight below
+        if name.endswith(".weight") and t.dtype == torch.int8:
+            t = dequantize(t, state[name.removesuffix("weight") + "scale"])  # (out, in) float32
+        out[name] = t
+    return out
