@@ -62,6 +62,22 @@ def test_loading_int8_equals_quantizing_the_float_model(toy):
     assert same_state(loaded.state_dict(), quantize_model(copy.deepcopy(model)).state_dict())
 
 
+def test_big_tensors_are_read_by_rows_and_give_the_same_model(toy, monkeypatch):
+    """At full size the embedding table is read a block of rows at a time (load_weights.Rows); make
+    every 2-D tensor big enough for that here, and read the blocks 5 rows at a time."""
+    import load_weights
+    import quantize
+    model, path = toy
+    monkeypatch.setattr(load_weights, "ROWS_BYTES", 0)
+    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 5)
+    reads = []
+    monkeypatch.setattr(load_weights.Rows, "__getitem__",
+                        lambda self, rows, read=load_weights.Rows.__getitem__: reads.append(rows) or read(self, rows))
+    loaded, _ = load_model(path, with_tokenizer=False, quantize="int8")
+    assert len(reads) > 10 and any(r.stop > 24 for r in reads)  # the 24-row table's last block is clipped
+    assert same_state(loaded.state_dict(), quantize_model(copy.deepcopy(model)).state_dict())
+
+
 @pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)], ids=["greedy", "beam4"])
 def test_loaded_int8_model_generates_the_float_ids(toy, kw):
     model, path = toy
