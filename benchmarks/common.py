@@ -29,6 +29,18 @@ def spawn(module: str, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in KiB: VmHWM of /proc/self/status (Linux). Not ru_maxrss,
+    which a child inherits from its parent: Linux starts it at the parent's resident size at the fork,
+    so a benchmark process holding a model would inflate every worker's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def serve(worker) -> None:
     """In a module's `if __name__ == "__main__":`, before its own argument parsing: answer a spawn() call."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":

@@ -16,14 +16,13 @@ weights decode a repeated token, which is fine for timing. Output ids must equal
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn
+from benchmarks.common import IMPLS, build_checkpoint, load_ours, peak_rss, serve, spawn
 
 CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
 NEW_TOKENS = 64
@@ -93,7 +92,7 @@ def worker(impl: str, ckpt: str, case: str, threads: int, new_tokens: int = NEW_
         out = run(ids, mask, num_beams=num_beams, length_penalty=penalty(ckpt), min_new_tokens=new_tokens,
                   max_new_tokens=new_tokens)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "ids": out.tolist(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "ids": out.tolist(), "peak_rss": peak_rss()}
 
 
 def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_tokens: int) -> dict:
@@ -122,7 +121,7 @@ def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_to
                                          max_decoding_length=new_tokens - 1, min_decoding_length=new_tokens - 1)
     seconds = time.perf_counter() - start
     ids = [[0] + [index[t] for t in r.hypotheses[0]] + [1] for r in results]
-    return {"seconds": seconds, "ids": ids, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "ids": ids, "peak_rss": peak_rss()}
 
 
 def main():
