@@ -115,8 +115,11 @@ def screened_argmax(model) -> "ScreenedArgmax | None":
         return None
     bias = model.final_logits_bias
     try:
+        # Older PyTorch lacks the int8 kernel or its dtypes: try it on a small matrix (the real tables
+        # are built on first use, so that beam search, which never calls it, does not pay for them).
+        torch._weight_int8pack_mm(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(8, 64, dtype=torch.int8),
+                                  torch.ones(8, dtype=torch.bfloat16))
         screen = ScreenedArgmax(w, None if bias is None else bias[0], model.logits)
-        screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
     except (AttributeError, RuntimeError, NotImplementedError):
         return None  # greedy decoding then takes the argmax of the full logits
     return screen
@@ -141,9 +144,13 @@ class ScreenedArgmax:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, logits):
-        E = self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
+        self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
         self.bias = bias  # (V,) or None
         self.logits = logits  # h (N, D) -> the full logits (N, V), e.g. Pegasus.logits: for nearly flat scores
+        self.q = None  # the int8 tables, built by prepare() on first use (~1 s at pegasus-xsum shape)
+
+    def prepare(self):
+        E = self.E
         largest = torch.maximum(E.amax(1), -E.amin(1))  # (V,) max |e_ij| without an |E| copy
         self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
@@ -158,6 +165,8 @@ class ScreenedArgmax:
 
     def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (N, D) -> approximate logits y (N, V) and a bound (N, V) on |exact - y|."""
+        if self.q is None:
+            self.prepare()
         hb = h.bfloat16()
         y = torch._weight_int8pack_mm(hb, self.q, self.scale).float()  # (N, V), reads 1 byte a weight
         if self.bias is not None:
