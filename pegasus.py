@@ -394,6 +394,13 @@ class TiedEmbedding(nn.Embedding):
     2017): forward maps ids to vectors, `project` maps vectors to one score per token.
     onednn.PackedTiedEmbedding replaces `project` with a packed matmul (same numbers)."""
 
+    def reset_parameters(self):
+        # Pegasus._init_weights initialises the table. On the meta device (load_weights builds the
+        # skeleton there) there is nothing to fill, and PyTorch's meta normal_ first imports its
+        # reference decompositions: ~2.5 s of a process's start, for nothing.
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)  # (..., D) -> (..., V)
 
@@ -425,7 +432,8 @@ class Pegasus(nn.Module):
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         self.init_buffers()
-        self.apply(self._init_weights)
+        if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
+            self.apply(self._init_weights)
 
     def build_encoder(self, cfg: PegasusConfig) -> Stack:  # PEGASUS-X builds its own
         return Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, self.attention_bias)
@@ -438,7 +446,11 @@ class Pegasus(nn.Module):
     def init_buffers(self):
         """Buffers that are computed, not loaded (called again after loading on the meta device)."""
         cfg = self.config
-        table = sinusoids(cfg.max_position_embeddings, cfg.d_model, cfg.position_formula)  # (P, D)
+        if self.device.type == "meta":  # a skeleton to load into (load_weights): this runs again after loading,
+            # and computing on meta would first import PyTorch's decompositions (~2-4 s) for nothing
+            table = torch.empty(cfg.max_position_embeddings, cfg.d_model, device="meta")
+        else:
+            table = sinusoids(cfg.max_position_embeddings, cfg.d_model, cfg.position_formula)  # (P, D)
         self.register_buffer("embed_positions", table, persistent=False)
 
     def _init_weights(self, m):
