@@ -93,14 +93,15 @@ def read_done(output: Path, records: list[dict]) -> list[str]:
 
 
 def evaluate(records: list[dict], model, *, output: Path | None = None, batch_size: int = 8,
-             dtype="float32", device="cpu", **generation_args) -> tuple[list[str], dict[str, float]]:
+             dtype="float32", device="cpu", quantize: str | None = None,
+             **generation_args) -> tuple[list[str], dict[str, float]]:
     """Summaries of every record's "text" and their ROUGE against its "summary". `model` is a hub id,
     a directory or a (model, tokenizer) pair, loaded only if something is left to summarize. With
     `output`, records already there are skipped and new ones appended, one chunk at a time."""
     predictions = read_done(output, records) if output is not None else []
     todo = records[len(predictions):]
     if todo:
-        net = model if isinstance(model, tuple) else load(model, dtype, device)
+        net = model if isinstance(model, tuple) else load(model, dtype, device, quantize=quantize)
         chunk = batch_size * CHUNK_BATCHES
         with tqdm(total=len(records), initial=len(predictions), unit="summary", file=sys.stderr,
                   disable=None) as bar, \
@@ -149,6 +150,7 @@ def main(argv=None) -> int:
         help="weight precision (default: %(default)s; float16 needs a GPU)")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
     add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
+    add("--quantize", choices=["int8"], help="int8 weights (as generate.py's --quantize; float32 activations)")
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2, before any model is loaded
         for flag, value in (("--batch-size", args.batch_size), ("--num-beams", args.num_beams),
@@ -157,6 +159,9 @@ def main(argv=None) -> int:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
         if args.dtype == "float16" and args.device == "cpu":
             raise ValueError("float16 is not supported on CPU; use --dtype float32 or bfloat16, or a GPU")
+        if args.quantize and args.dtype != "float32":
+            raise ValueError(f"--quantize {args.quantize} keeps float32 activations; it cannot go with "
+                             f"--dtype {args.dtype}")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA GPU is available")
         records = read_records(args.data, ("text", "summary"))
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     try:  # problems with the model: exit status 1
         _, scores = evaluate(records, args.model, output=args.output, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             length_penalty=args.length_penalty)
+                             length_penalty=args.length_penalty, quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -207,3 +207,22 @@ def test_bfloat16_on_cpu_packs_only_where_onednn_has_fast_bf16(checkpoint, capsy
     else:
         assert not packed and err.count("\n") == 1 and err.startswith("note: this CPU has no fast bfloat16")
     assert generate.summarize(TEXT, (net, generate.load(str(checkpoint), dtype="bfloat16")[1]))[0].strip()
+
+
+def test_evaluate_with_int8(checkpoint, tmp_path, capsys):
+    import json
+
+    import evaluate
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": TEXT, "summary": "The council closed the bridge."}) + "\n"
+                            for _ in range(2)))
+    # (--output given: without it evaluate.py fails on this branch, fsync of /dev/null: EINVAL; not int8's)
+    output = tmp_path / "predictions.jsonl"
+    assert evaluate.main(["--model", str(checkpoint), "--data", str(data), "--quantize", "int8",
+                          "--output", str(output)]) == 0
+    assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) == {"rouge1", "rouge2", "rougeL",
+                                                                                 "rougeLsum"}
+    assert evaluate.main(["--model", str(checkpoint), "--data", str(data), "--quantize", "int8",
+                          "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--quantize int8" in err
