@@ -30,16 +30,15 @@ The last line of standard output is the scores as one JSON object, for scripts.
 
 import argparse
 import json
-import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from data import read_records
-from generate import load, summarize
+from generate import OneLineParser, add_model_flags, check_model_flags, load, summarize
 from resumable import append_lines, complete_lines, cut_torn_line
 from tokenizer import n_to_newline
 
@@ -87,7 +86,7 @@ def read_done(output: Path, records: list[dict]) -> list[str]:
 
 
 def evaluate(records: list[dict], model, *, output: Path | None = None, batch_size: int = 8,
-             dtype="float32", device="cpu", original: bool = False,
+             dtype="float32", device="cpu", original: bool = False, quantize: str | None = None,
              **generation_args) -> tuple[list[str], dict[str, float]]:
     """Summaries of every record's "text" and their ROUGE against its "summary". `model` is a hub id,
     a directory or a (model, tokenizer) pair, loaded only if something is left to summarize. With
@@ -96,18 +95,18 @@ def evaluate(records: list[dict], model, *, output: Path | None = None, batch_si
     predictions = read_done(output, records) if output is not None else []
     todo = records[len(predictions):]
     if todo:
-        net = model if isinstance(model, tuple) else load(model, dtype, device, original=original)
+        net = model if isinstance(model, tuple) else load(model, dtype, device, original=original, quantize=quantize)
         chunk = batch_size * CHUNK_BATCHES
         with tqdm(total=len(records), initial=len(predictions), unit="summary", file=sys.stderr,
                   disable=None) as bar, \
-                (open(output, "a", encoding="utf-8") if output is not None else open(os.devnull, "w")) as out:
+                (open(output, "a", encoding="utf-8") if output is not None else nullcontext()) as out:
             for start in range(0, len(todo), chunk):
                 part = todo[start: start + chunk]
                 summaries = summarize([r["text"] for r in part], net, batch_size=batch_size, original=original,
                                       **generation_args)
-                # on disk before the next chunk starts: what is there is complete
-                append_lines(out, [json.dumps(r | {"prediction": s}, ensure_ascii=False)
-                                   for r, s in zip(part, summaries)])
+                if out is not None:  # on disk before the next chunk starts: what is there is complete
+                    append_lines(out, [json.dumps(r | {"prediction": s}, ensure_ascii=False)
+                                       for r, s in zip(part, summaries)])
                 predictions += summaries
                 bar.update(len(part))
     return predictions, rouge(predictions, [r["summary"] for r in records])
@@ -117,12 +116,6 @@ def table(scores: dict[str, float], n: int) -> str:
     names = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
     head = f"{'F1 x 100 (' + str(n) + ' summaries)':<28}" + "".join(f"{names[k]:>11}" for k in ROUGE_TYPES)
     return head + "\n" + f"{'':<28}" + "".join(f"{scores[k]:>11.2f}" for k in ROUGE_TYPES)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # a bad flag gets one line (exit 2), not argparse's usage block
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv=None) -> int:
@@ -137,26 +130,10 @@ def main(argv=None) -> int:
         help="JSON lines with a 'text' and a reference 'summary' per line")
     add("--output", metavar="PATH", type=Path,
         help="write each record with a 'prediction' field here; a rerun resumes where it stopped")
-    add("--num-beams", metavar="N", type=int, help="beam width (default: the checkpoint's)")
-    add("--max-new-tokens", metavar="N", type=int, help="longest summary in tokens (default: the checkpoint's)")
-    add("--length-penalty", metavar="X", type=float, help="beam scores are divided by length ** X "
-                                                          "(default: the checkpoint's)")
-    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-        help="weight precision (default: %(default)s; float16 needs a GPU)")
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
-    add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
-    add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "
-                                                "formula, beam search and '<n>' newlines (default: the reference's)")
+    add_model_flags(p)
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2, before any model is loaded
-        for flag, value in (("--batch-size", args.batch_size), ("--num-beams", args.num_beams),
-                            ("--max-new-tokens", args.max_new_tokens)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
-        if args.dtype == "float16" and args.device == "cpu":
-            raise ValueError("float16 is not supported on CPU; use --dtype float32 or bfloat16, or a GPU")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is available")
+        check_model_flags(args)
         records = read_records(args.data, ("text", "summary"))
         if args.output is not None:
             if args.output.resolve() == args.data.resolve():
@@ -170,7 +147,7 @@ def main(argv=None) -> int:
     try:  # problems with the model: exit status 1
         _, scores = evaluate(records, args.model, output=args.output, batch_size=args.batch_size, dtype=args.dtype,
                              device=args.device, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                             length_penalty=args.length_penalty, original=args.original)
+                             length_penalty=args.length_penalty, original=args.original, quantize=args.quantize)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,7 @@ from data import read_records
 from decoding import DecodingOptions, generate
 from distributed import setup_distributed
 from load_weights import load_model
-from onednn import screened_argmax, use_onednn
+from onednn import bf16_supported, screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
 
@@ -35,22 +35,31 @@ __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 
 # ----------------------------------------------------------------------------- summarization
 
-_LOADED = {}  # (name, dtype, device) -> (model, tokenizer): summarize() loads each checkpoint once
+_LOADED = {}  # (name, dtype, device, revision, quantize) -> (model, tokenizer): summarize() loads each once
 _ARGMAX = {}  # id(model) -> greedy's screened argmax (onednn.ScreenedArgmax) for the models load() made
 
 
-def load(name_or_path, dtype="float32", device="cpu", revision=None, original: bool = False):
-    """(model, tokenizer) from a hub id or a checkpoint directory, cached for this process; float32
-    on CPU runs its matmuls through oneDNN (use_onednn) and greedy decoding's argmax through
-    onednn.ScreenedArgmax, which summarize() passes to generate() for these models. original: see
+def load(name_or_path, dtype="float32", device="cpu", revision=None, original: bool = False, quantize=None):
+    """(model, tokenizer) from a hub id or a checkpoint directory, cached for this process.
+
+    float32 on CPU runs its matmuls through oneDNN (use_onednn) and greedy decoding's argmax through
+    onednn.ScreenedArgmax, which summarize() passes to generate() for these models. bfloat16 on CPU
+    does the same where oneDNN has fast bfloat16 kernels (onednn.bf16_supported: AVX-512 BF16 / AMX);
+    elsewhere it runs PyTorch's default (slow) bfloat16 matmuls, with a one-line note. quantize="int8"
+    loads int8 weights (quantize.py; fbgemm's kernels), never building the float model. original: see
     load_weights.load_model (the TF positions and "<n>" newlines)."""
-    key = (str(name_or_path), str(dtype), str(device), revision, original)
+    key = (str(name_or_path), str(dtype), str(device), revision, original, quantize)
     if key not in _LOADED:
         # Not memory-mapped: use_onednn then frees each original weight as it converts it.
         model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
-                                      original=original)
-        _LOADED[key] = use_onednn(model), tokenizer
-        _ARGMAX[id(model)] = screened_argmax(model)
+                                      original=original, quantize=quantize)
+        if quantize is None:
+            if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
+                print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 runs "
+                      "slowly here: float32 or --quantize int8 are faster", file=sys.stderr)
+            model = use_onednn(model)
+            _ARGMAX[id(model)] = screened_argmax(model)
+        _LOADED[key] = model, tokenizer
     return _LOADED[key]
 
 
@@ -63,12 +72,12 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype="float32", device="cpu",
               progress: bool = False, stats: dict | None = None, numbers: list[int] | None = None,
-              original: bool = False, **generation_args) -> list[str]:
+              original: bool = False, quantize: str | None = None, **generation_args) -> list[str]:
     """Summaries of a text or a list of texts: what the reference's pipeline("summarization") gives.
     `model` is a hub id, a directory (both loaded once, see load) or a (model, tokenizer) pair, used
     as it is; generation_args go to generate() (options=DecodingOptions(...) and/or its keyword
     overrides). `stats`, if given, receives token count and time; `numbers` are what notes call the
-    texts (default 1, 2, ...).
+    texts (default 1, 2, ...); quantize="int8" loads int8 weights (see load).
 
     original=True runs the checkpoint as the original PEGASUS code did (README, "Reference or
     original"): the TF position formula, "<n>" newlines (in the text and in the summary) and the
@@ -77,13 +86,13 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("empty input: every text to summarize must be a non-empty string")
-    net, tok = model if isinstance(model, tuple) else load(model, dtype, device, original=original)
+    net, tok = model if isinstance(model, tuple) else load(model, dtype, device, original=original, quantize=quantize)
     if original:
         if net.config.position_formula != "original" or not tok.newline_to_n:
             raise ValueError("original=True needs a model and tokenizer from load_model(..., original=True)")
         generation_args.setdefault("search", "original")
     generation_args.setdefault("argmax", _ARGMAX.get(id(net)))  # None (the full argmax) for models load() did not make
-    limit, eos, device = net.config.max_position_embeddings, net.config.eos_token_id, net.shared.weight.device
+    limit, eos, device = net.config.max_position_embeddings, net.config.eos_token_id, net.device
     encoded = [tok.encode(t) for t in texts]
     for i, ids in enumerate(encoded):
         if len(ids) > limit:  # the model has no positions beyond its table: keep the start, as the reference does
@@ -239,6 +248,37 @@ def check_output(path: Path | None):
         raise ValueError(f"--output {path}: cannot write in directory {parent} ({e.strerror or e})") from None
 
 
+def add_model_flags(p: argparse.ArgumentParser):
+    """The flags that choose and run the model, shared by generate.py and evaluate.py."""
+    add = p.add_argument
+    add("--num-beams", metavar="N", type=int, help="beam width (default: the checkpoint's, 8 for the published ones)")
+    add("--max-new-tokens", metavar="N", type=int, help="longest summary in tokens (default: the checkpoint's)")
+    add("--length-penalty", metavar="X", type=float, help="beam scores are divided by length ** X; X > 0 favours "
+                                                          "longer summaries (default: the checkpoint's)")
+    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="weight precision (default: %(default)s; float16 needs a GPU)")
+    add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
+    add("--quantize", choices=["int8"], help="int8 weights (CPU: fbgemm's int8 kernels; float32 activations): "
+                                            "less memory, faster decoding; quality vs float32: README")
+    add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
+    add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "
+                                                "formula, beam search and '<n>' newlines (default: the reference's)")
+
+
+def check_model_flags(args):
+    """add_model_flags' values: one ValueError naming the flag (exit status 2), before anything is loaded."""
+    for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1 (got {value})")
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty must be a finite number (got {args.length_penalty})")
+    check_device(args.device, args.dtype)
+    if args.quantize and args.dtype != "float32":
+        raise ValueError(f"--quantize {args.quantize} keeps float32 activations; it cannot go with "
+                         f"--dtype {args.dtype}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (not the usage block), exit status 2."""
 
@@ -263,29 +303,14 @@ def main(argv=None) -> int:
                                                    "'text' field per line (written back with a 'summary' field); "
                                                    "any other file (.txt ...) is ONE document")
     add("--output", metavar="PATH", type=Path, help="write the summaries here instead of standard output")
-    add("--num-beams", metavar="N", type=int, help="beam width (default: the checkpoint's, 8 for the published ones)")
-    add("--max-new-tokens", metavar="N", type=int, help="longest summary in tokens (default: the checkpoint's)")
-    add("--length-penalty", metavar="X", type=float, help="beam scores are divided by length ** X; X > 0 favours "
-                                                          "longer summaries (default: the checkpoint's)")
-    add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-        help="weight precision (default: %(default)s; float16 needs a GPU)")
-    add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
-    add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
+    add_model_flags(p)
     add("--verbose", action="store_true", help="print load time, speed and peak memory to stderr")
-    add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "
-                                                "formula, beam search and '<n>' newlines (default: the reference's)")
     args = p.parse_args(argv)
     try:  # problems with what was asked: exit status 2
-        for flag, value in (("--num-beams", args.num_beams), ("--max-new-tokens", args.max_new_tokens),
-                            ("--batch-size", args.batch_size)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be at least 1 (got {value})")
-        if args.length_penalty is not None and not math.isfinite(args.length_penalty):
-            raise ValueError(f"--length-penalty must be a finite number (got {args.length_penalty})")
+        check_model_flags(args)
         if args.revision is not None and (not args.revision.strip() or Path(args.model).expanduser().exists()):
             raise ValueError(f"--revision {args.revision!r} needs a hub id as --model, not a local directory"
                              if args.revision.strip() else "--revision is empty")
-        check_device(args.device, args.dtype)
         check_output(args.output)
         texts, records = read_documents(args)
         corpus = records is not None and args.output is not None  # resumable; shared out under torchrun
@@ -311,7 +336,7 @@ def main(argv=None) -> int:
               f"{part_path(args.output, '*')}", file=sys.stderr)
     try:  # problems with the model: exit status 1
         started, stats = time.perf_counter(), {}
-        model = load(args.model, args.dtype, args.device, args.revision, original=args.original)
+        model = load(args.model, args.dtype, args.device, args.revision, original=args.original, quantize=args.quantize)
         loaded = time.perf_counter() - started
         limit = model[0].config.max_position_embeddings  # known only now, from the checkpoint's config
         if args.max_new_tokens is not None and args.max_new_tokens > limit:

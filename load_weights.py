@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
+from quantize import Int8Linear, float_state_dict, quantize_model, quantize_weight
 from tokenizer import PegasusTokenizer
 
 # Keys the reference stores but we derive: tied copies of `shared` and the fixed position tables.
@@ -189,23 +190,97 @@ def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
 def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: memory-mapped (pages read on first use), or read into ordinary
     memory, where each tensor can be freed on its own (what onednn.use_onednn needs)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    return dict(iter_tensors(ckpt, mmap))
+
+
+ROWS_BYTES = 2**26  # int8 loading reads 2-D tensors larger than this (64 MB) a block of rows at a time
+
+
+class Rows:
+    """A large 2-D tensor of a safetensors file, read a block of rows at a time (os.pread at its
+    offset in the file): quantize.quantize_weight needs only its shape and row slices, so the int8
+    path never holds the whole float embedding table (394 MB at pegasus-xsum shape). (safetensors'
+    own get_slice reads the whole tensor first.) The format: an 8-byte little-endian header length,
+    a JSON header with each tensor's dtype, shape and byte range after the header, then the bytes."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    device = torch.device("cpu")
+
+    def __init__(self, file: Path, start: int, shape: list[int], dtype: str):
+        self.file, self.start, self.shape = file, start, torch.Size(shape)
+        self.dtype = self.DTYPES.get(dtype, torch.uint8)  # not a float: refused by the caller
+
+    @staticmethod
+    def header(file: Path) -> tuple[dict, int]:
+        """(the JSON header, where the tensor bytes begin)."""
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(n)), 8 + n
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:  # (r, D); clipped at the end, as tensor slicing is
+        first, last = rows.start, min(rows.stop, self.shape[0])
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            data = os.pread(fd, (last - first) * row_bytes, self.start + first * row_bytes)
+        finally:
+            os.close(fd)
+        return torch.frombuffer(bytearray(data), dtype=self.dtype).view(last - first, self.shape[1])
+
+
+def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
+    """(name, tensor) for every tensor of a checkpoint, one at a time. Without mmap a safetensors
+    tensor is read (pread) only when its turn comes, so a caller that converts each one and drops it
+    (load_model's int8 path) never holds more than one float tensor; with rows=True a 2-D one of more
+    than ROWS_BYTES comes as Rows, read in blocks of rows by whoever uses it."""
+    from safetensors import SafetensorError, safe_open
     _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
     files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
     for f in files:
         if not (ckpt / f).is_file():
             raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
-    tensors = {}
     for f in files:
         if not f.endswith(".safetensors"):
-            tensors.update(read_bin(ckpt / f, mmap))
+            state = read_bin(ckpt / f, mmap)
+            for name in list(state):
+                yield name, state.pop(name)
             continue
         try:
-            tensors.update(load_file(ckpt / f, backend="mmap" if mmap else "pread"))
+            with safe_open(ckpt / f, framework="pt", backend="mmap" if mmap else "pread") as tensors:
+                header, begin = Rows.header(ckpt / f) if rows and not mmap else ({}, 0)
+                for name in list(tensors.keys()):
+                    info = header.get(name, {})
+                    b, e = info.get("data_offsets", (0, 0))
+                    if len(info.get("shape", ())) == 2 and e - b > ROWS_BYTES:  # big 2-D: read by blocks of rows
+                        yield name, Rows(ckpt / f, begin + b, info["shape"], info["dtype"])
+                    else:
+                        yield name, tensors.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
-    return tensors
+
+
+def return_freed_memory():
+    """Make glibc's malloc give every large freed block straight back to the system (Linux; elsewhere
+    nothing happens). Loading without mmap allocates a float tensor, converts it (int8, or oneDNN's
+    packed copy) and frees it, hundreds of times. By default glibc raises its mmap threshold to the
+    size of the largest block freed so far (up to 32 MB), after which such blocks come from the heap,
+    where freed ones between live ones are kept, not returned: measured at pegasus-xsum shape, the
+    int8 load then ended at 1.75 GB resident instead of 0.85 GB. A fixed threshold (M_MMAP_THRESHOLD,
+    option -3) of 1 MB gives each large tensor its own mapping, released when it is freed."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        pass
 
 
 def read_config(ckpt: Path):
@@ -233,7 +308,7 @@ def read_config(ckpt: Path):
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True,
-               revision: str | None = None, original: bool = False):
+               revision: str | None = None, original: bool = False, quantize: str | None = None):
     """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum
     (at `revision`: a branch, tag or commit; default main). The weights may be stored in any float
     dtype; they are converted to `dtype`.
@@ -241,8 +316,16 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     original=True runs the checkpoint as the original TF code did: the sinusoid frequencies it was
     trained with (pegasus.sinusoids "original"; PEGASUS-X uses them anyway) and a tokenizer that
     maps newlines to the "<n>" piece and back. Decode with search="original" to complete the set
-    (generate.summarize(..., original=True) does all three)."""
+    (generate.summarize(..., original=True) does all three).
+
+    quantize="int8" (CPU, float32 activations): every linear layer and the tied embedding / output
+    head in int8 (quantize.py), quantized tensor by tensor as the checkpoint is read: the float
+    model is never built, so memory peaks near the int8 model plus one float tensor."""
     dtype = parse_dtype(dtype)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unsupported quantize={quantize!r}; the only scheme is 'int8'")
+    if quantize and dtype != torch.float32:
+        raise ValueError("quantize='int8' keeps float32 activations; leave dtype at float32")
     ckpt = resolve(str(name_or_path), revision)
     cls, config, raw = read_config(ckpt)
     if original:
@@ -258,20 +341,33 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
 
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = cls(config)
+        if quantize:
+            quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     expected = model.state_dict()  # names and shapes (meta tensors)
+    if quantize or not mmap:
+        return_freed_memory()
     state, copies = {}, {}
-    for key, t in read_tensors(ckpt, mmap).items():
+    # int8: each tensor read on its own (no mmap: mapped pages would stay resident) and quantized at once
+    for key, t in iter_tensors(ckpt, mmap and not quantize, rows=bool(quantize)):
+        int8 = quantize and (key in TIED or expected.get(key.removeprefix("model."), t).dtype == torch.int8)
+        if isinstance(t, Rows) and not int8:  # only quantize_weight reads by rows
+            t = t[0: t.size(0)]
         if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
             raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
                              f"type: this is not a weight this model can use")
         if key in TIED or key in POSITIONS:
-            copies[key] = t  # derived tensors: checked below, never loaded
+            copies[key] = quantize_weight(t) if int8 else t  # derived tensors: checked below, never loaded
             continue
         name = key.removeprefix("model.")
         if name not in expected:
             raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
         if t.shape != expected[name].shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(expected[name].shape)}")
+        if int8:  # a matrix: int8 rows and a scale per row
+            state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
+            if name == "shared.weight":
+                copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
+            continue
         if name == "shared.weight":
             copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
         state[name] = t.to(device=device, dtype=dtype)
@@ -282,6 +378,12 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
     shared = copies.pop("shared.weight")
     for key, t in copies.items():
+        if quantize and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
+            (q, s), (q0, s0) = t, shared
+            if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
+                raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
+                                 f"this checkpoint is not a standard {config.model_type}")
+            continue
         # An untied output head or another position formula would silently give other logits. The
         # stored copy was rounded to its stored dtype (a float16 table differs from the float32
         # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
@@ -292,8 +394,13 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
                              f"this checkpoint is not a standard {config.model_type}")
     model.load_state_dict(state, assign=True, strict=True)
+    state.clear()  # the model holds the tensors now; packing below can free each plain int8 one
     model.init_buffers()  # the position table was built on the meta device
     model.to(device)
+    if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.pack()
     model.generation_config = generation
     return model.eval(), tokenizer
 
@@ -316,11 +423,13 @@ def generation_config(ckpt: Path, raw_config: dict) -> dict:
 def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     """Write `model` in the Hugging Face layout, loadable here and by transformers' from_pretrained.
     Refuses (before writing anything) a model whose weights onednn.use_onednn packed: safetensors
-    cannot write oneDNN's opaque layout."""
+    cannot write oneDNN's opaque layout. An int8 model (quantize.py) is written as the float32
+    weights it computes with (quantize.float_state_dict): a float checkpoint that anything loads,
+    and that load_model(..., quantize="int8") turns back into the same int8 values."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
-    state = model.state_dict()
+    state = float_state_dict(model.state_dict())
     if any(t.is_mkldnn for t in state.values()):
         raise ValueError("cannot save a model with oneDNN-packed weights (onednn.use_onednn): save it before "
                          "converting, or load the checkpoint again without use_onednn")

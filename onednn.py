@@ -67,6 +67,12 @@ def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def bf16_supported() -> bool:
+    """Whether oneDNN has fast bfloat16 kernels on this CPU (AVX-512 BF16, AMX, or AVX-512 BW/VL/DQ
+    with conversion). Without them packing bfloat16 weights is refused, and bfloat16 matmuls are slow."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class PackedTiedEmbedding(Packed, TiedEmbedding):
     """The tied embedding, whose output projection (`project`, the logits' matmul) runs through
     oneDNN on a packed copy of the matrix. The copy is made on first use (greedy decoding with
@@ -85,10 +91,13 @@ class PackedTiedEmbedding(Packed, TiedEmbedding):
 
 
 def use_onednn(model):
-    """Inference only, float32 on CPU: every nn.Linear and the tied output projection run through
-    oneDNN. Returns the model, changed in place (a no-op where oneDNN is unavailable)."""
+    """Inference only, on CPU: every nn.Linear and the tied output projection run through oneDNN.
+    float32 always; bfloat16 where the CPU has fast bfloat16 kernels (bf16_supported; oneDNN then
+    accumulates in float32 and rounds each output to bfloat16, as PyTorch's own bfloat16 matmul).
+    Returns the model, changed in place (a no-op where oneDNN or the dtype's kernels are unavailable)."""
     w = model.shared.weight
-    if not available() or w.device.type != "cpu" or w.dtype != torch.float32:
+    fast = w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_supported())
+    if not available() or w.device.type != "cpu" or not fast:
         return model
     for name in [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         owner, _, attr = name.rpartition(".")
@@ -106,8 +115,11 @@ def screened_argmax(model) -> "ScreenedArgmax | None":
         return None
     bias = model.final_logits_bias
     try:
+        # Older PyTorch lacks the int8 kernel or its dtypes: try it on a small matrix (the real tables
+        # are built on first use, so that beam search, which never calls it, does not pay for them).
+        torch._weight_int8pack_mm(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(8, 64, dtype=torch.int8),
+                                  torch.ones(8, dtype=torch.bfloat16))
         screen = ScreenedArgmax(w, None if bias is None else bias[0], model.logits)
-        screen.approximate(torch.ones(1, w.size(1)))  # older PyTorch lacks the int8 kernel or its dtypes
     except (AttributeError, RuntimeError, NotImplementedError):
         return None  # greedy decoding then takes the argmax of the full logits
     return screen
@@ -132,9 +144,13 @@ class ScreenedArgmax:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, logits):
-        E = self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
+        self.E = weight.detach()  # (V, D) float32, shared with the embedding: used for the exact rescoring
         self.bias = bias  # (V,) or None
         self.logits = logits  # h (N, D) -> the full logits (N, V), e.g. Pegasus.logits: for nearly flat scores
+        self.q = None  # the int8 tables, built by prepare() on first use (~1 s at pegasus-xsum shape)
+
+    def prepare(self):
+        E = self.E
         largest = torch.maximum(E.amax(1), -E.amin(1))  # (V,) max |e_ij| without an |E| copy
         self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
@@ -149,6 +165,8 @@ class ScreenedArgmax:
 
     def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (N, D) -> approximate logits y (N, V) and a bound (N, V) on |exact - y|."""
+        if self.q is None:
+            self.prepare()
         hb = h.bfloat16()
         y = torch._weight_int8pack_mm(hb, self.q, self.scale).float()  # (N, V), reads 1 byte a weight
         if self.bias is not None:

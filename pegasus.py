@@ -377,8 +377,7 @@ class DecoderCache:
                              for layer in layers]
         self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
-        ref = model.shared.weight
-        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, ref.dtype, ref.device) for _ in layers]
+        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, model.dtype, model.device) for _ in layers]
         self.max_len = max_len
 
     def reorder(self, idx: torch.Tensor):
@@ -394,6 +393,13 @@ class TiedEmbedding(nn.Embedding):
     """The token embedding, whose matrix is also the output projection (tied weights; Press & Wolf
     2017): forward maps ids to vectors, `project` maps vectors to one score per token.
     onednn.PackedTiedEmbedding replaces `project` with a packed matmul (same numbers)."""
+
+    def reset_parameters(self):
+        # Pegasus._init_weights initialises the table. On the meta device (load_weights builds the
+        # skeleton there) there is nothing to fill, and PyTorch's meta normal_ first imports its
+        # reference decompositions: ~2.5 s of a process's start, for nothing.
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight)  # (..., D) -> (..., V)
@@ -426,7 +432,8 @@ class Pegasus(nn.Module):
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         self.init_buffers()
-        self.apply(self._init_weights)
+        if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
+            self.apply(self._init_weights)
 
     def build_encoder(self, cfg: PegasusConfig) -> Stack:  # PEGASUS-X builds its own
         return Stack([EncoderLayer(cfg, cfg.encoder_ffn_dim, cfg.encoder_attention_heads, self.attention_bias)
@@ -439,7 +446,11 @@ class Pegasus(nn.Module):
     def init_buffers(self):
         """Buffers that are computed, not loaded (called again after loading on the meta device)."""
         cfg = self.config
-        table = sinusoids(cfg.max_position_embeddings, cfg.d_model, cfg.position_formula)  # (P, D)
+        if self.device.type == "meta":  # a skeleton to load into (load_weights): this runs again after loading,
+            # and computing on meta would first import PyTorch's decompositions (~2-4 s) for nothing
+            table = torch.empty(cfg.max_position_embeddings, cfg.d_model, device="meta")
+        else:
+            table = sinusoids(cfg.max_position_embeddings, cfg.d_model, cfg.position_formula)  # (P, D)
         self.register_buffer("embed_positions", table, persistent=False)
 
     def _init_weights(self, m):
@@ -452,6 +463,16 @@ class Pegasus(nn.Module):
             # decoder input carries only its position signal.
             nn.init.zeros_(m.weight[m.padding_idx])
 
+    # The activations' dtype and the model's device, read from the decoder's final LayerNorm: a float
+    # tensor in every variant, where `shared.weight` is int8 in a quantized model (quantize.py).
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.layer_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.layer_norm.weight.device
+
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
         """Position vectors for the integer positions `pos`, (T,) -> (T, D)."""
         return self.embed_positions[pos]
@@ -462,7 +483,7 @@ class Pegasus(nn.Module):
                              f"{self.config.max_position_embeddings}; truncate it")
 
     def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.shared.weight.dtype)  # (B, T, D)
+        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.dtype)  # (B, T, D)
         return F.dropout(x, self.config.dropout, self.training)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -510,8 +531,8 @@ class Pegasus(nn.Module):
                 mask = mask & padding_mask(decoder_attention_mask)  # (B, 1, T, T)
                 # As the reference, an additive mask of the most negative float: a query with no visible
                 # key (a padded first position) then attends uniformly instead of giving 0 or NaN.
-                big = torch.finfo(self.shared.weight.dtype).min
-                mask = torch.zeros(mask.shape, dtype=self.shared.weight.dtype, device=dev).masked_fill(~mask, big)
+                big = torch.finfo(self.dtype).min
+                mask = torch.zeros(mask.shape, dtype=self.dtype, device=dev).masked_fill(~mask, big)
             cross_kv = None
             if encoder_out is not None:
                 cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]

@@ -216,11 +216,11 @@ class PegasusX(Pegasus):
         pass  # no position table: positions are computed on the fly, in the model dtype
 
     def positions(self, pos: torch.Tensor) -> torch.Tensor:
-        return sinusoids_x(pos, self.config.d_model, self.shared.weight.dtype)  # (T, D)
+        return sinusoids_x(pos, self.config.d_model, self.dtype)  # (T, D)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, S) -> encoder states (B, S, D), in time and memory linear in S."""
-        self.check_dtype(self.shared.weight.dtype, force=self.allow_fp16)
+        self.check_dtype(self.dtype, force=self.allow_fp16)
         B, S = input_ids.shape
         self.check_length(S, "input")
         x = self.embed(input_ids, torch.arange(S, device=input_ids.device))  # (B, S, D)

@@ -100,23 +100,23 @@ sources greedy and 46 of 48 with beam 4.
 
 How it plugs into the model
 ---------------------------
-    quantize_int8(model)                        # every nn.Linear -> Int8Linear, float weights freed
-    embedding, head = int8_embedding_and_head(model.shared.weight, model.final_logits_bias)
-    # embedding(ids) replaces model.shared(ids)  (dequantized rows, float32, (B, T, D))
-    # head(h) replaces model.logits(h)           (h (B, T, D) -> logits (B, T, V), bias included)
-The embedding and the head are separate modules because the model's single logits seam is being
-built elsewhere; once it exists, the model holds `embedding` in place of `shared` (nothing keeps
-the float table) and its logits method calls `head`. pegasus.py then needs two more small changes:
-Pegasus.embed and DecoderCache take the activation dtype and device from `shared.weight`, which is
-int8 here, so they should read them from the model (e.g. the final LayerNorm's weight) instead.
+    quantize_model(model)     # every nn.Linear -> Int8Linear, model.shared -> Int8TiedEmbedding
 
-The head's int8 weight is the embedding's (same rows, same scales): a saved int8 checkpoint should
-store it once, as float checkpoints store `shared.weight` once, and rebuild the head with
-int8_head(embedding, final_logits_bias) when loading (a plain state_dict of a model holding both
-writes it twice, 2 x 98 MB at pegasus-xsum shape). To load an int8 checkpoint without ever
-building float weights: build the model on the meta device, quantize_int8 it, attach an empty
-Int8Embedding(vocab, d_model), load_state_dict(state, assign=True), init_buffers(), then int8_head;
-each Int8Linear packs on its first forward (or call pack() on each to do it up front).
+The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
+`project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
+fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a plain attribute,
+not a buffer: a state_dict holds the table once (`shared.weight` int8, `shared.scale`), as float
+checkpoints hold `shared.weight` once. The model reads its activations' dtype and device from
+Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table.
+
+load_weights.load_model(..., quantize="int8") never builds the float model: the model is built on
+the meta device, quantize_model turns its layers into int8 skeletons, and each checkpoint tensor is
+read and quantized on its own (`quantize_weight`) before the next is read, so the float weights
+never all exist at once. save_model writes `float_state_dict`: the dequantized float32 weights
+q * s, which is the model the int8 one computes with; loading that file with quantize="int8" gives
+back the same int8 values (tests/test_int8_model.py checks it), and transformers reads it as any
+checkpoint. (int8_embedding_and_head is the same tied pair as two separate modules, for tests and
+for models other than Pegasus.)
 """
 
 import functools
@@ -137,11 +137,14 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with w ~ q * scale[:, None]. All-zero rows get scale 1 (any scale represents them exactly)."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (out, in)
     scale = torch.empty(w.size(0), dtype=torch.float32, device=w.device)  # (out,)
+    # Four passes over each block of rows (loading a checkpoint quantizes 2.3 GB with this): max |w|
+    # (an inf-norm: no |w| copy), divide, round in place, convert. No clamp: |w| <= largest, so
+    # |w / s| <= 127 up to one rounding of the division, and round() cannot reach 128.
     for i in range(0, w.size(0), ROWS_PER_CHUNK):
         rows = w[i: i + ROWS_PER_CHUNK].float()  # (r, in)
-        largest = torch.maximum(rows.amax(1), -rows.amin(1))  # (r,) max |w| without an |w| copy
+        largest = torch.linalg.vector_norm(rows, float("inf"), dim=1)  # (r,) max |w|
         s = torch.where(largest > 0, largest / 127, torch.ones_like(largest))  # (r,)
-        q[i: i + ROWS_PER_CHUNK] = torch.round(rows / s[:, None]).clamp_(-127, 127)
+        q[i: i + ROWS_PER_CHUNK] = (rows / s[:, None]).round_()
         scale[i: i + ROWS_PER_CHUNK] = s
     return q, scale
 
@@ -224,6 +227,8 @@ class Int8Linear(nn.Module):
         """Quantize a float weight (out, in) and keep the float bias (out,). (The tied output head is
         better built by int8_head, from the int8 embedding, so the table is quantized once.)"""
         m = cls(weight.size(1), weight.size(0), bias is not None, device="meta")  # no allocation
+        if weight.is_meta:  # a skeleton to load into (load_weights): shapes only, nothing to compute
+            return m
         m.weight, m.scale = quantize_weight(weight.detach())
         m.bias = None if bias is None else bias.detach().float()
         return m
@@ -293,11 +298,43 @@ class Int8Embedding(nn.Module):
     def from_weight(cls, weight: torch.Tensor) -> "Int8Embedding":
         """Quantize a float table (V, D), one scale per row (per token)."""
         m = cls(*weight.shape, device="meta")
+        if weight.is_meta:  # a skeleton (as Int8Linear.from_weight)
+            return m
         m.weight, m.scale = quantize_weight(weight.detach())
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
         return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+
+class Int8TiedEmbedding(Int8Embedding):
+    """The tied token embedding in int8: lookups as Int8Embedding, and `project` h (..., D) -> h @ E^T
+    (..., V), the output head without its bias (Pegasus.logits adds final_logits_bias), from the same
+    int8 rows and scales. On CPU with fbgemm the head runs on a packed copy, made on first use and
+    kept as a plain attribute (not in state_dict: the table is saved once); loading and moving drop
+    it, and the next project packs again."""
+
+    packed = None  # fbgemm's copy of (weight, scale), or None
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "Int8TiedEmbedding":
+        return cls.from_weight(embedding.weight)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
+        if self.scale.device.type == "cpu" and fbgemm_available():
+            if self.packed is None:
+                self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
+            y = torch.ops.quantized.linear_dynamic(h.float().contiguous(), self.packed, fbgemm_reduce_range())
+            return y.to(h.dtype)
+        return F.linear(h, self.weight.to(h.dtype)) * self.scale.to(h.dtype)  # weight-only int8
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):  # .to(), .cpu(), ...: the packed copy is rebuilt where the table lands
+        self.packed = None
+        return super()._apply(fn, recurse)
 
 
 # ----------------------------------------------------------------------------- whole models
@@ -332,3 +369,30 @@ def int8_embedding_and_head(shared_weight: torch.Tensor, final_logits_bias: torc
     """The tied token embedding (V, D) quantized once: an Int8Embedding for lookups and its int8_head."""
     embedding = Int8Embedding.from_weight(shared_weight)
     return embedding, int8_head(embedding, final_logits_bias)
+
+
+def quantize_model(model: nn.Module) -> nn.Module:
+    """A Pegasus / PegasusX in int8, in place: every nn.Linear (quantize_int8) and the tied embedding
+    and output head (Int8TiedEmbedding). On the meta device this builds the int8 skeleton that
+    load_weights fills from a float checkpoint without building the float model."""
+    quantize_int8(model)
+    model.shared = Int8TiedEmbedding.from_embedding(model.shared)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return isinstance(model.shared, Int8TiedEmbedding)
+
+
+def float_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A quantized model's state_dict with each int8 `X.weight` + `X.scale` pair replaced by the float32
+    weight q * s it stands for: the names and tensors of a float checkpoint (what save_model writes)."""
+    out = {}
+    for name, t in state.items():
+        base = name.removesuffix(".scale")
+        if name.endswith(".scale") and state.get(base + ".weight", t).dtype == torch.int8:
+            continue  # folded into its weight below
+        if name.endswith(".weight") and t.dtype == torch.int8:
+            t = dequantize(t, state[name.removesuffix("weight") + "scale"])  # (out, in) float32
+        out[name] = t
+    return out

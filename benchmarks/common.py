@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
 
-IMPLS = ("ours", "ours+onednn")  # this project's variants; each benchmark adds the reference (and others)
+IMPLS = ("ours", "ours+onednn", "ours+int8")  # this project's variants; each benchmark adds the reference (and others)
 
 
 def spawn(module: str, **kwargs) -> dict:
@@ -29,6 +29,18 @@ def spawn(module: str, **kwargs) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in KiB: VmHWM of /proc/self/status (Linux). Not ru_maxrss,
+    which a child inherits from its parent: Linux starts it at the parent's resident size at the fork,
+    so a benchmark process holding a model would inflate every worker's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def serve(worker) -> None:
     """In a module's `if __name__ == "__main__":`, before its own argument parsing: answer a spawn() call."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
@@ -37,11 +49,14 @@ def serve(worker) -> None:
 
 
 def load_ours(impl: str, checkpoint):
-    """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights) or "ours+onednn"
-    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax)."""
+    """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights), "ours+onednn"
+    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax) or
+    "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's kernels, the full argmax)."""
     from load_weights import load_model
     from onednn import screened_argmax, use_onednn
 
+    if impl == "ours+int8":
+        return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8")[0], None
     model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
     if impl == "ours+onednn":
         return use_onednn(model), screened_argmax(model)

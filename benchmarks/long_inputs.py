@@ -11,7 +11,6 @@ and the peak above the loaded model while it runs ("activations"), which is what
 """
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
                                                   min_new_tokens=new_tokens, num_beams=1, do_sample=False)
     with torch.no_grad():  # page in memory-mapped weights now, so that they count as "model", not "activations"
         sum(float(p.sum()) for p in model.parameters())
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GB; the same as VmHWM here
+    load_peak = rss_gb("VmHWM")  # not ru_maxrss: it starts at the parent's resident size (common.peak_rss)
     loaded = rss_gb("VmRSS")
     reset_peak()
     ids = torch.randint(2, model.config.vocab_size, (1, length))  # (1, S)

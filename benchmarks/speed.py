@@ -1,12 +1,15 @@
 """Decoding speed: this project's generate() against transformers' generate() (and CTranslate2 if
 it is installed), on randomly initialised models of a published shape and one real news article.
 "ours" is generate() as the tests check it; "ours+onednn" adds onednn.use_onednn (the matmuls
-through oneDNN with pre-converted weights) and the screened greedy argmax (see common.load_ours).
+through oneDNN with pre-converted weights) and the screened greedy argmax (see common.load_ours): the
+CLI's float32 path; "ours+int8" is --quantize int8. CTranslate2 runs in float32 and int8
+(compute_type="int8"); "vs CT2" compares each of ours with CTranslate2 at the same precision.
 
     python -m benchmarks.speed                    # google/pegasus-xsum shape, all cases
     python -m benchmarks.speed --cases beam8_b1 --threads 2
     python -m benchmarks.speed --rounds 3         # every implementation 3 times, round-robin; medians
     python -m benchmarks.speed --long 4096 16384  # PEGASUS-X long inputs (benchmarks/long_inputs.py)
+    python -m benchmarks.speed --first-summary    # also load + first summary, whole process (first_summary.py)
 
 Every implementation runs each case in a fresh process, so that its peak resident memory
 (ru_maxrss) is its own, on the same weights (written once to a temporary checkpoint), the same
@@ -16,14 +19,13 @@ weights decode a repeated token, which is fine for timing. Output ids must equal
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn
+from benchmarks.common import IMPLS, build_checkpoint, load_ours, peak_rss, serve, spawn
 
 CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
 NEW_TOKENS = 64
@@ -74,8 +76,8 @@ def worker(impl: str, ckpt: str, case: str, threads: int, new_tokens: int = NEW_
     from tokenizer import PegasusTokenizer
     tok = PegasusTokenizer.from_pretrained(ckpt) if (ckpt / "spiece.model").exists() else None
     rows = documents(tok, batch)
-    if impl == "ctranslate2":
-        return ctranslate2_worker(ckpt, rows, num_beams, new_tokens)
+    if impl.startswith("ctranslate2"):  # "ctranslate2" (float32) or "ctranslate2-int8"
+        return ctranslate2_worker(ckpt, rows, num_beams, new_tokens, "int8" if impl.endswith("int8") else "float32")
     width = max(map(len, rows))
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])  # (B, S) right-padded
     mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
@@ -93,12 +95,13 @@ def worker(impl: str, ckpt: str, case: str, threads: int, new_tokens: int = NEW_
         out = run(ids, mask, num_beams=num_beams, length_penalty=penalty(ckpt), min_new_tokens=new_tokens,
                   max_new_tokens=new_tokens)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "ids": out.tolist(), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "ids": out.tolist(), "peak_rss": peak_rss()}
 
 
-def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_tokens: int) -> dict:
+def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_tokens: int, compute_type: str) -> dict:
     """CTranslate2 has no forced EOS: it decodes new_tokens - 1 tokens, and the EOS that the others
-    are forced to write last is added for the comparison."""
+    are forced to write last is added for the comparison. compute_type "int8" quantizes the float32
+    model's weights when loading it (int8 weights, per output channel; its own int8 GEMM kernels)."""
     import ctranslate2
     out = ckpt.with_name(ckpt.name + "-ctranslate2")
     if not out.exists():  # its converter reads config keys that transformers 5 no longer writes
@@ -114,7 +117,8 @@ def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_to
         ctranslate2.converters.TransformersConverter(str(src)).convert(str(out))
     vocab = json.loads((out / "shared_vocabulary.json").read_text())
     index = {token: i for i, token in enumerate(vocab)}
-    translator = ctranslate2.Translator(str(out), device="cpu", intra_threads=torch.get_num_threads())
+    translator = ctranslate2.Translator(str(out), device="cpu", compute_type=compute_type,
+                                        intra_threads=torch.get_num_threads())
     tokens = [[vocab[i] for i in row] for row in rows]
     translator.translate_batch([t[:16] for t in tokens], beam_size=num_beams, max_decoding_length=2)  # warm-up
     start = time.perf_counter()
@@ -122,7 +126,7 @@ def ctranslate2_worker(ckpt: Path, rows: list[list[int]], num_beams: int, new_to
                                          max_decoding_length=new_tokens - 1, min_decoding_length=new_tokens - 1)
     seconds = time.perf_counter() - start
     ids = [[0] + [index[t] for t in r.hypotheses[0]] + [1] for r in results]
-    return {"seconds": seconds, "ids": ids, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"seconds": seconds, "ids": ids, "peak_rss": peak_rss()}
 
 
 def main():
@@ -135,6 +139,8 @@ def main():
     p.add_argument("--long", type=int, nargs="+", metavar="TOKENS",
                    help="long-input mode: google/pegasus-x-base shape at these input lengths (long_inputs.py)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per text (%(default)s)")
+    p.add_argument("--first-summary", action="store_true",
+                   help="also time the first summary (whole process: the CLI vs transformers; first_summary.py)")
     args = p.parse_args()
     if args.long:
         from benchmarks.long_inputs import bench_long
@@ -147,14 +153,16 @@ def main():
     impls = ["transformers", *IMPLS]
     try:
         import ctranslate2  # noqa: F401
-        impls.append("ctranslate2")
+        impls += ["ctranslate2", "ctranslate2-int8"]
     except ImportError:
         print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
+    print(f"CPU: {cpu_model()}; {args.threads} threads; load average before: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
-        print(f"{args.model} shape, random weights, {args.threads} threads, {args.new_tokens} new tokens forced, fp32"
+        print(f"{args.model} shape, random weights, {args.threads} threads, {args.new_tokens} new tokens forced"
               + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
-        print(f"{'case':<10} {'implementation':<15} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} {'vs ref':>7}  ids")
+        print(f"{'case':<10} {'implementation':<17} {'seconds':>8} {'tokens/s':>9} {'peak RSS':>9} {'vs ref':>7} "
+              f"{'vs CT2':>7}  ids")
         for case in cases:
             runs = {impl: [] for impl in impls}
             for _ in range(args.rounds):  # round-robin, so that a slow spell of the machine hits every implementation
@@ -163,16 +171,44 @@ def main():
                         runs[impl].append(spawn("speed", impl=impl, ckpt=str(ckpt), case=case, threads=args.threads,
                                                 new_tokens=args.new_tokens))
                     except RuntimeError as e:
-                        print(f"{case:<10} {impl:<15} failed: {e}")
+                        print(f"{case:<10} {impl:<17} failed: {e}")
             ref = median(runs["transformers"])
             for impl in [i for i in impls if runs[i]]:
                 res = median(runs[impl])
                 n_tokens = sum(len(row) - 1 for row in res["ids"])  # generated, over the batch
                 ratio = f"{res['seconds'] / ref['seconds']:6.2f}x" if ref else "   n/a"
+                ct2 = median(runs.get(CT2_PEER.get(impl), []))  # CTranslate2 at the same precision
+                vs_ct2 = f"{res['seconds'] / ct2['seconds']:6.2f}x" if ct2 else "      "
+                # int8 changes the numbers, so its ids may differ from float32's (quality: README, tests)
                 same = "n/a" if ref is None else "same" if all(x["ids"] == ref["ids"] for x in runs[impl]) \
                     else "DIFFERENT"
-                print(f"{case:<10} {impl:<15} {res['seconds']:8.2f} {n_tokens / res['seconds']:9.1f} "
-                      f"{res['peak_rss'] / 2**20:7.2f} G {ratio}  {same}")
+                print(f"{case:<10} {impl:<17} {res['seconds']:8.2f} {n_tokens / res['seconds']:9.1f} "
+                      f"{res['peak_rss'] / 2**20:7.2f} G {ratio} {vs_ct2}  {same}")
+        if args.first_summary:
+            from benchmarks.first_summary import bench_first_summary
+            bench_first_summary(ckpt, args.threads, args.rounds)
+    print(f"load average after: {load_average()}")
+
+
+# ours vs CTranslate2 at the same precision: the "vs CT2" column
+CT2_PEER = {"ours": "ctranslate2", "ours+onednn": "ctranslate2", "ours+int8": "ctranslate2-int8"}
+
+
+def cpu_model() -> str:
+    """The CPU's name and the instruction sets that decide which kernels run (Linux's /proc/cpuinfo)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f" {f}" in info]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"
+
+
+def load_average() -> str:
+    import os
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median(runs: list[dict]) -> dict | None:

@@ -86,6 +86,16 @@ def test_scores_are_rouge_score_on_its_own_predictions(checkpoint, tmp_path, cap
     assert 0 < scores["rouge1"] < 100
 
 
+def test_without_output_scores_the_same(checkpoint, tmp_path, capsys):
+    # No --output: nothing is written (this once tried to fsync /dev/null), the scores are the same.
+    output = tmp_path / "predictions.jsonl"
+    code, out, err = run(capsys, "--model", checkpoint, "--data", DATA, "--output", output, "--batch-size", 4)
+    assert code == 0, err
+    code, plain, err = run(capsys, "--model", checkpoint, "--data", DATA, "--batch-size", 4)
+    assert code == 0, err
+    assert json.loads(plain.strip().splitlines()[-1]) == json.loads(out.strip().splitlines()[-1])
+
+
 def test_lsum_is_summary_level_and_n_is_a_newline():
     reference = "Cats sleep all day.\nDogs bark at night."
     prediction = "Dogs bark at night.<n> Cats sleep all day."
@@ -163,8 +173,8 @@ def test_bad_data_lines_name_file_and_line(tmp_path, capsys, line, problem):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
+    (["--num-beams", "0"], "--num-beams must be at least 1 (got 0)"),
     (["--dtype", "float16"], "float16 is not supported on CPU"),
     (["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
 ])

@@ -6,10 +6,9 @@ broken quantizer fails them: test_bounds_catch_broken_quantizers runs three such
 scale for the whole matrix, scales along the wrong axis, truncation instead of rounding) through
 the same checks and requires each to fail.
 
-pegasus.py has no seam yet for an int8 embedding and output head (another change is building the
-single place that computes logits), so `int8_twin` stands in for it: the float embedding table is
-overwritten with exactly the rows Int8Embedding looks up (test_embedding_and_head_share_the_int8_table
-checks that they are the same numbers), and `Seam.logits` calls the int8 head.
+The whole-model tests quantize through the model's own seam (quantize.quantize_model: Int8Linear
+layers and the Int8TiedEmbedding, whose `project` Pegasus.logits calls); tests/test_int8_model.py
+loads, saves and runs int8 models end to end (load_model(quantize="int8"), summarize, the CLI).
 """
 
 import copy
@@ -28,10 +27,12 @@ from pegasus_x import PegasusX, PegasusXConfig
 from quantize import (
     Int8Embedding,
     Int8Linear,
+    Int8TiedEmbedding,
     dequantize,
     int8_embedding_and_head,
     int8_head,
     quantize_int8,
+    quantize_model,
     quantize_weight,
 )
 
@@ -52,33 +53,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class Seam:
-    """Stand-in for the model's logits seam (see the module docstring): logits from `self.head` when set."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.head = None
-
-    def logits(self, h):
-        return super().logits(h) if self.head is None else self.head(h)
-
-
-class SeamPegasus(Seam, Pegasus):
-    pass
-
-
-class SeamPegasusX(Seam, PegasusX):
-    pass
-
-
 def int8_twin(model):
-    """A copy of `model` with int8 linears, embedding and head."""
-    q = quantize_int8(copy.deepcopy(model))
-    embedding, head = int8_embedding_and_head(q.shared.weight, getattr(q, "final_logits_bias", None))
-    with torch.no_grad():
-        q.shared.weight.copy_(embedding(torch.arange(q.config.vocab_size)))  # what Int8Embedding returns
-    q.head = head
-    return q
+    """A copy of `model` with int8 linears, embedding and head (through the model's own seams)."""
+    return quantize_model(copy.deepcopy(model))
 
 
 # ----------------------------------------------------------------------------- one layer
@@ -209,9 +186,9 @@ def random_model(kind: str):
     ones do (PEGASUS's initialisation gives every row the same size, which hides per-tensor scales)."""
     torch.manual_seed(0)
     if kind == "pegasus":
-        model = SeamPegasus(PegasusConfig(**SMALL)).eval()
+        model = Pegasus(PegasusConfig(**SMALL)).eval()
     else:
-        model = SeamPegasusX(PegasusXConfig(**SMALL, block_size=8, num_global_tokens=4)).eval()
+        model = PegasusX(PegasusXConfig(**SMALL, block_size=8, num_global_tokens=4)).eval()
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for m in model.modules():
@@ -250,7 +227,7 @@ def test_random_model_bounds_catch_per_tensor_scales(kind, monkeypatch):
 @pytest.fixture(scope="module")
 def toy():
     torch.manual_seed(0)
-    model = train_toy(SeamPegasus(TOY), seed=0)
+    model = train_toy(Pegasus(TOY), seed=0)
     return model, int8_twin(model)
 
 
@@ -285,19 +262,19 @@ def test_linears_are_replaced_and_packed():
 
 def test_state_dict_round_trip():
     torch.manual_seed(0)
-    model = int8_twin(SeamPegasus(PegasusConfig(**SMALL)).eval())
+    model = int8_twin(Pegasus(PegasusConfig(**SMALL)).eval())
     ids, dec = torch.randint(2, 512, (2, 9)), torch.randint(2, 512, (2, 5))
     with torch.no_grad():
         before = model(ids, None, dec)
     state = model.state_dict()
-    assert state["encoder.layers.0.fc1.weight"].dtype == torch.int8
-    assert state["head.weight"].dtype == torch.int8 and state["encoder.layers.0.fc1.scale"].dtype == torch.float32
+    assert state["encoder.layers.0.fc1.weight"].dtype == torch.int8 and state["shared.weight"].dtype == torch.int8
+    assert state["encoder.layers.0.fc1.scale"].dtype == torch.float32 and state["shared.scale"].shape == (512,)
+    assert not any("packed" in k or "head" in k for k in state)  # the tied table is stored once
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
     with torch.device("meta"):  # a fresh skeleton: no float weights are ever allocated
-        fresh = quantize_int8(SeamPegasus(PegasusConfig(**SMALL)))
-        fresh.head = Int8Linear(128, 512, bias=True)
+        fresh = quantize_model(Pegasus(PegasusConfig(**SMALL)))
     fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True, strict=True)
     fresh.init_buffers()
     with torch.no_grad():
@@ -341,12 +318,27 @@ def test_embedding_and_head_share_the_int8_table():
     assert torch.equal(int8_head(loaded, bias)(h), head(h))
 
 
+def test_tied_embedding_is_the_shared_int8_table():
+    torch.manual_seed(0)
+    model = Pegasus(PegasusConfig(**SMALL)).eval()
+    w = model.shared.weight.detach().clone()
+    quantize_model(model)
+    assert isinstance(model.shared, Int8TiedEmbedding) and model.dtype == torch.float32
+    q, scale = quantize_weight(w)
+    ids = torch.tensor([[3, 99, 0]])
+    assert torch.equal(model.shared(ids), dequantize(q, scale)[ids])
+    h = torch.randn(4, 128)
+    ref = F.linear(h, w)
+    assert ((model.shared.project(h) - ref).norm() / ref.norm()).item() < OUTPUT_ERROR
+    assert torch.equal(model.logits(h), model.shared.project(h) + model.final_logits_bias[0])
+
+
 def test_float_layers_are_freed_and_models_move():
     import gc
     import weakref
 
     torch.manual_seed(0)
-    model = SeamPegasus(PegasusConfig(**SMALL)).eval()
+    model = Pegasus(PegasusConfig(**SMALL)).eval()
     ids, dec = torch.randint(2, 512, (2, 9)), torch.randint(2, 512, (2, 5))
     old = weakref.ref(model.decoder.layers[1].fc1.weight)
     quantize_int8(model)
