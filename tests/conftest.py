@@ -65,3 +65,15 @@ def checkpoint(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("tiny")
     save_model(model, path, tokenizer)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP threads waiting for
+    each other make them several times slower. Modules that train toy models use it for all their tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

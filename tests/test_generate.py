@@ -20,14 +20,7 @@ from pegasus import Pegasus, PegasusConfig
 TOY = PegasusConfig(**TOY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices gain nothing from a second thread, and on a busy machine threads waiting for
-    each other make these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 from tiny_checkpoints import repository, tiny_model, tiny_spiece, write
+from toy import TOY as TOY_FIELDS
 from toy import toy_inputs, train_toy
 
 import generate
@@ -25,17 +26,10 @@ from pegasus import Pegasus, PegasusConfig
 from quantize import Int8Linear, Int8TiedEmbedding, dequantize, quantize_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
-TOY = PegasusConfig(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                    dropout=0.0)
+TOY = PegasusConfig(**TOY_FIELDS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from toy import TOY as TOY_FIELDS
 from toy import pad_batch, toy_batch, toy_inputs, train_toy
 
 import quantize
@@ -39,18 +40,10 @@ from quantize import (
 SMALL = dict(vocab_size=512, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
              decoder_attention_heads=4, encoder_ffn_dim=512, decoder_ffn_dim=512, max_position_embeddings=128,
              dropout=0.0)
-TOY = PegasusConfig(vocab_size=24, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                    decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
-                    dropout=0.0)
+TOY = PegasusConfig(**TOY_FIELDS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices gain nothing from a second thread (and the test machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def int8_twin(model):
