@@ -65,8 +65,20 @@ def num_gap_sentences(n: int, ratio: float) -> int:
     return min(n, max(1, int(n * ratio + 1e-9)))
 
 
+def max_num_sentences(max_input_len: int, max_target_len: int, ratio: float) -> int:
+    """How many leading sentences the seq-* strategies may pick from, as the original caps them "to speed
+    up the sentence selection" (MaxNumSentences, pegasus/ops/pretrain_parsing_ops.cc lines 86-88, and
+    its caller, lines 366-371): max(max_input_len / 20.0, max_target_len / ratio / 20.0), the lengths
+    in tokens, at least 1. The arithmetic is the C++'s: int / float is a float32 division (ratio is a
+    float attribute), / 20.0 is in double, and the int return truncates. 42 at the published 512/256
+    tokens (pegasus_params.py) and GSR 0.3: 256 / 0.3f = 853.33 -> 42.67 -> 42."""
+    by_target = float(np.float32(max_target_len) / np.float32(ratio)) / 20.0
+    return max(1, int(max(max_input_len / 20.0, by_target)))
+
+
 def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str = "ind-orig",
-                         seed: int | None = None) -> list[int]:
+                         seed: int | None = None, *, max_input_len: int | None = None,
+                         max_target_len: int | None = None) -> list[int]:
     """Indices (sorted) of the sentences to mask. Strategies of section 3.1:
 
       lead      the first m sentences;       random   m sentences uniformly at random (`seed`);
@@ -88,6 +100,8 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
         raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"gap sentences ratio must be in (0, 1], got {ratio}")
+    if (max_input_len is None) != (max_target_len is None):
+        raise ValueError("give both max_input_len and max_target_len, or neither")
     n = len(sentences)
     m = num_gap_sentences(n, ratio)
     if strategy == "lead":
@@ -104,6 +118,9 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
         scores = [rouge1_f1(c, total - c, unique) for c in counts]
         ranked = sorted(range(n), key=lambda i: (scores[i], i), reverse=True)
         return sorted(ranked[:m])
+    if max_input_len is not None:  # the seq-* cap (max_num_sentences); `total` stays the whole text
+        n = min(n, max_num_sentences(max_input_len, max_target_len, ratio))
+        m = num_gap_sentences(n, ratio)
     # GetSentenceIndicesByGreedyRouge: each round scans the unselected sentences in order and keeps
     # the one maximising F1(selected + s, remaining - s), replacing the best on `score >= best`, so
     # again the LAST of equal scores wins.
@@ -122,7 +139,8 @@ def select_gap_sentences(sentences: list[str], ratio: float = 0.3, strategy: str
 
 
 def make_gsg_example(text: str, ratio: float = 0.3, strategy: str = "ind-orig", mlm_prob: float = 0.0,
-                     seed: int | None = None) -> tuple[str, str]:
+                     seed: int | None = None, *, max_input_len: int | None = None,
+                     max_target_len: int | None = None) -> tuple[str, str]:
     """One pre-training pair from a document: source = the document with each selected sentence
     replaced by <mask_1>; target = the selected sentences in document order, joined by spaces.
 
@@ -133,13 +151,15 @@ def make_gsg_example(text: str, ratio: float = 0.3, strategy: str = "ind-orig", 
     whole-word masking does. The paper's encoder-side loss on those words is not implemented, so here
     MLM only makes GSG harder; the paper found MLM stops helping with long pre-training (section
     6.1.2) and left it out of PEGASUS-large (section 6.2), hence the default 0.
+    max_input_len / max_target_len: the seq-* sentence cap (select_gap_sentences).
     """
     if not 0.0 <= mlm_prob < 1.0:
         raise ValueError(f"mlm_prob must be in [0, 1), got {mlm_prob}")
     sentences = split_sentences(text)
     if not sentences:
         raise ValueError("the document has no sentences (empty text)")
-    chosen = set(select_gap_sentences(sentences, ratio, strategy, seed))
+    chosen = set(select_gap_sentences(sentences, ratio, strategy, seed, max_input_len=max_input_len,
+                                      max_target_len=max_target_len))
     pieces = [s.split() for s in sentences]
     if mlm_prob > 0:
         rng = random.Random(seed)

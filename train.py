@@ -180,7 +180,8 @@ class ExampleStream:
         # gap sentences among those, as the original's max_total_words cut does (and Seq stays cheap).
         c = self.cfg
         doc = " ".join(item.split()[: c.max_source_len])
-        return make_gsg_example(doc, c.gsg_ratio, c.gsg_strategy, c.mlm_prob, seed=c.seed * 1_000_000_007 + p)
+        return make_gsg_example(doc, c.gsg_ratio, c.gsg_strategy, c.mlm_prob, seed=c.seed * 1_000_000_007 + p,
+                                max_input_len=c.max_source_len, max_target_len=c.max_target_len)
 
 
 def global_batch(cfg: TrainConfig, world: int) -> int:

@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from gsg import make_gsg_example, rouge1_f1, select_gap_sentences, split_sentences
+from gsg import make_gsg_example, max_num_sentences, rouge1_f1, select_gap_sentences, split_sentences
 
 
 def f1_float32(o: int, n_candidate: int, n_reference: int) -> float:
@@ -99,6 +99,36 @@ def test_tokens_and_sentences_as_the_original_cuts_them():
     assert split_sentences("One.\u00a0Two. Three.") == ["One.\u00a0Two.", "Three."]
 
 
+def test_seq_caps_candidates_to_the_first_sentences_but_scores_against_the_whole_text():
+    # MaxNumSentences (pretrain_parsing_ops.cc 86-88): max(in / 20.0, float32(out / ratio) / 20.0), truncated.
+    # 512/256 at 0.3 (pegasus_params.py): 25.6 vs 256 / 0.3f = 853.33 / 20 = 42.67 -> 42.
+    # 512/128 at 0.3 (train.py's defaults): 25.6 vs 21.33 -> 25. 60/20 at 0.3: 3.0 vs 3.33 -> 3; at 0.5:
+    # 3.0 vs 2.0 -> 3. 10/1 at 1.0: 0.5 vs 0.05 -> 0, then at least 1.
+    assert max_num_sentences(512, 256, 0.3) == 42
+    assert max_num_sentences(512, 128, 0.3) == 25
+    assert max_num_sentences(60, 20, 0.3) == max_num_sentences(60, 20, 0.5) == 3
+    assert max_num_sentences(10, 1, 1.0) == 1
+    # 14 words. Overlap of each sentence with the rest: s0 0, s1 1 ("c", only in s5), s2 0, s3 0,
+    # s4 2 ("cat", "dog"), s5 3 ("cat", "dog", "c"). Round 1 has nothing selected, so F1 = 2o/14.
+    doc = ["a b.", "c d.", "e f.", "g h.", "cat dog cow.", "cat dog c."]
+    # Uncapped, 1 gap sentence (int(6 * 0.3)): s5, the best, beyond the cap of 3.
+    assert select_gap_sentences(doc, 0.3, "seq-orig") == [5]
+    # Capped at 3 (60/20 tokens): candidates s0-s2, still scored against all six sentences, so s1 (its
+    # only shared word is in s5, outside the cap) scores 2/14 > 0 and wins; max(1, int(3 * 0.3)) = 1.
+    assert select_gap_sentences(doc, 0.3, "seq-orig", max_input_len=60, max_target_len=20) == [1]
+    assert select_gap_sentences(doc, 0.3, "seq-uniq", max_input_len=60, max_target_len=20) == [1]
+    assert make_gsg_example(" ".join(doc), 0.3, "seq-orig", max_input_len=60, max_target_len=20) == (
+        "a b. <mask_1> e f. g h. cat dog cow. cat dog c.", "c d.")
+    # The number masked is counted from the capped list: at 0.5, int(6 * 0.5) = 3 uncapped but
+    # int(3 * 0.5) = 1 capped.
+    assert len(select_gap_sentences(doc, 0.5, "seq-orig")) == 3
+    assert select_gap_sentences(doc, 0.5, "seq-orig", max_input_len=60, max_target_len=20) == [1]
+    # Ind has no cap in the original (pretrain_parsing_ops.cc 356-364): s5 as without the lengths.
+    assert select_gap_sentences(doc, 0.3, "ind-orig", max_input_len=60, max_target_len=20) == [5]
+    with pytest.raises(ValueError, match="both"):
+        select_gap_sentences(doc, 0.3, "seq-orig", max_input_len=60)
+
+
 # ----------------------------------------------------------------------------- the C++ transcribed
 # A second, independent transcription of the original's data flow (rouge.cc's RougeSentenceData:
 # counts kept through subtraction, sizes as doubles; sentence_selection.cc's two loops), used as an
@@ -140,10 +170,16 @@ def similarity(reference: Data, candidate: Data, dedup: bool, f=np.float32) -> f
     return float(f(2) * precision * recall / (precision + recall))
 
 
-def original_selection(sentences, ratio, strategy, f=np.float32) -> list[int]:
-    n, dedup = len(sentences), strategy.endswith("uniq")
+def original_selection(sentences, ratio, strategy, f=np.float32, lengths=None) -> list[int]:
+    text, dedup = Data.of(" ".join(sentences)), strategy.endswith("uniq")  # the whole text, always
+    if lengths and strategy.startswith("seq"):  # greedy_rouge branch of pretrain_parsing_ops.cc 366-371
+        max_input_len, max_target_len = lengths
+        per_target = np.float32(max_target_len) / np.float32(ratio)  # int / float: float32
+        cap = max(1, int(max(max_input_len / 20.0, float(per_target) / 20.0)))  # doubles, int truncates
+        sentences = sentences[:cap]  # sentences_vec.resize
+    n = len(sentences)
     m = min(int(max(np.float32(n) * np.float32(ratio), np.float32(1.0))), n)  # GetNumMaskedSentences
-    text, data = Data.of(" ".join(sentences)), [Data.of(s) for s in sentences]
+    data = [Data.of(s) for s in sentences]
     if strategy.startswith("ind"):  # GetSentenceIndicesByRouge: sort (score, index) with std::greater
         pairs = sorted(((similarity(text.merge(d, -1), d, dedup, f), i) for i, d in enumerate(data)), reverse=True)
         return sorted(i for _, i in pairs[:m])
@@ -183,3 +219,22 @@ def test_selection_matches_a_transcription_of_the_cpp_on_tie_rich_documents(stra
             float64_differs += original_selection(sentences, ratio, strategy, f=np.float64) != expected
     # The documents do exercise the float32 tie rule: in float64 some selections come out differently.
     assert float64_differs > 0
+
+
+@pytest.mark.parametrize("strategy", ["ind-orig", "ind-uniq", "seq-orig", "seq-uniq"])
+def test_the_seq_cap_matches_the_transcription(strategy):
+    # Token lengths small enough that the 2-15 sentence documents hit the cap: 100/20 caps at 5
+    # (5.0 vs 3.33 at 0.3, 2.0 at 0.5), 60/40 at 6 for 0.3 (3.0 vs 6.67) and 4 for 0.5 (3.0 vs 4.0).
+    capped = changed = 0
+    for sentences in random_documents(300, seed=1):
+        for ratio in (0.3, 0.5):
+            for lengths in ((100, 20), (60, 40)):
+                expected = original_selection(sentences, ratio, strategy, lengths=lengths)
+                got = select_gap_sentences(sentences, ratio, strategy, max_input_len=lengths[0],
+                                           max_target_len=lengths[1])
+                assert got == expected, (sentences, ratio, lengths)
+                capped += len(sentences) > max_num_sentences(*lengths, ratio)
+                changed += expected != original_selection(sentences, ratio, strategy)
+    assert capped > 300  # the cap is active on many documents ...
+    # ... and changes Seq's picks on some (never Ind's: the original has no cap there).
+    assert (changed > 0) if strategy.startswith("seq") else changed == 0
