@@ -314,7 +314,8 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     dtype; they are converted to `dtype`.
 
     original=True runs the checkpoint as the original TF code did: the sinusoid frequencies it was
-    trained with (pegasus.sinusoids "original"; PEGASUS-X uses them anyway) and a tokenizer that
+    trained with (pegasus.sinusoids "original"; PEGASUS-X uses them anyway), for PEGASUS a zero vector
+    as the first decoder input (not the embedded start token), and a tokenizer that
     maps newlines to the "<n>" piece and back. Decode with search="original" to complete the set
     (generate.summarize(..., original=True) does all three).
 
@@ -329,7 +330,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     ckpt = resolve(str(name_or_path), revision)
     cls, config, raw = read_config(ckpt)
     if original:
-        config = replace(config, position_formula="original")
+        # PEGASUS-X already uses the TF sinusoids; the zero first decoder input is the PEGASUS TF code's
+        # (pegasus/models/transformer.py), not known to hold for PEGASUS-X's Flax code, so it is left alone.
+        config = replace(config, position_formula="original", zero_first_decoder_input=config.model_type == "pegasus")
     generation = generation_config(ckpt, raw)
     cls.check_dtype(dtype)  # PEGASUS-X refuses float16 (see pegasus_x.py)
     tokenizer = None

@@ -54,6 +54,10 @@ class PegasusConfig:
     # Sinusoid frequencies: "reference" (the reference library's) or "original" (the TF code's, as the
     # checkpoints were trained); see sinusoids. PEGASUS-X ignores it: it always uses the original.
     position_formula: str = "reference"
+    # The decoder's first input: the embedded start token (the reference) or, as the TF code feeds it, a
+    # zero vector plus the position signal (pegasus/models/transformer.py: pad-then-shift in training,
+    # `dec_Bx1xD *= (i > 0)` in predict). Set with position_formula by load_model(..., original=True).
+    zero_first_decoder_input: bool = False
 
     @classmethod
     def from_dict(cls, d: dict) -> "PegasusConfig":
@@ -482,8 +486,11 @@ class Pegasus(nn.Module):
             raise ValueError(f"{what} of {n} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}; truncate it")
 
-    def embed(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        x = self.shared(ids) * self.embed_scale + self.positions(pos).to(self.dtype)  # (B, T, D)
+    def embed(self, ids: torch.Tensor, pos: torch.Tensor, decoder: bool = False) -> torch.Tensor:
+        tokens = self.shared(ids) * self.embed_scale  # (B, T, D)
+        if decoder and self.config.zero_first_decoder_input:  # the TF code: position 0 has no token, only its sinusoid
+            tokens = tokens.masked_fill((pos == 0)[None, :, None], 0.0)  # (B, T, D)
+        x = tokens + self.positions(pos).to(self.dtype)  # (B, T, D)
         return F.dropout(x, self.config.dropout, self.training)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -540,7 +547,7 @@ class Pegasus(nn.Module):
         else:
             mask = cache_mask(input_pos, cache.max_len)  # (T, L)
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
-        x = self.embed(decoder_input_ids, input_pos)
+        x = self.embed(decoder_input_ids, input_pos, decoder=True)  # (B, T, D)
         for i, layer in enumerate(self.decoder.layers):
             x = self.run_layer(layer, x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
                                None if cache is None else cache.self_kv[i], input_pos)

@@ -5,10 +5,12 @@ The TF position formula is transcribed here from pegasus/layers/timing.py, not t
 N = D // 2, w_i = exp(-i * log(1e4) / (N - 1)), signal = [sin(p * w) | cos(p * w)].
 """
 
+import copy
 import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,9 @@ from tiny_checkpoints import repository, tiny_model, tiny_spiece, write
 
 import evaluate
 import generate
+from decoding import generate as generate_ids
 from load_weights import load_model
-from pegasus import PegasusConfig
+from pegasus import Pegasus, PegasusConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "generate.py"
 
@@ -56,9 +59,37 @@ def test_load_model_original_uses_the_tf_positions_and_n_newlines(tiny_dirs):
     assert not tok.newline_to_n and otok.newline_to_n
     assert otok.newline_id in otok.encode("a\nb") and tok.newline_id not in tok.encode("a\nb")
     assert otok.decode(otok.encode("a\nb")) == "a\nb"
+    assert original.config.zero_first_decoder_input and not default.config.zero_first_decoder_input
     # Everything else is the same checkpoint.
     for (name, a), (_, b) in zip(default.state_dict().items(), original.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_original_first_decoder_input_is_a_zero_vector():
+    # The TF decoder sees no token at position 0, only the position signal (pegasus/models/transformer.py:
+    # the targets' embeddings padded with a zero row and shifted in training; `dec_Bx1xD *= (i > 0)` in
+    # predict). Stated independently: it is the reference model with the start token's embedding row zeroed.
+    torch.manual_seed(0)
+    cfg = PegasusConfig(vocab_size=120, d_model=16, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    reference = Pegasus(cfg).eval()
+    with torch.no_grad():  # a fresh model's pad row is zero (the reference's init); a trained one's need not be
+        reference.shared.weight[cfg.decoder_start_token_id].normal_(0, 0.5)
+    original = copy.deepcopy(reference)
+    original.config = replace(cfg, zero_first_decoder_input=True)
+    zeroed = copy.deepcopy(reference)
+    with torch.no_grad():
+        zeroed.shared.weight[cfg.decoder_start_token_id] = 0.0
+    ids = torch.randint(110, 120, (2, 9))
+    dec = torch.cat([torch.zeros(2, 1, dtype=torch.long), torch.randint(110, 120, (2, 4))], 1)  # start token first
+    with torch.inference_mode():
+        states = {name: m.decode(dec, m.encode(ids)) for name, m in
+                  (("reference", reference), ("original", original), ("zeroed", zeroed))}
+        assert torch.equal(states["original"], states["zeroed"])
+        assert not torch.allclose(states["original"], states["reference"])
+        # The cached step-by-step path (input_pos 0, then 1, ...) feeds the same zero vector.
+        ours = generate_ids(original, ids, num_beams=1, max_new_tokens=6, use_cache=True)
+        assert torch.equal(ours, generate_ids(original, ids, num_beams=1, max_new_tokens=6, use_cache=False))
 
 
 def test_pegasus_x_original_changes_no_numbers(tiny_dirs):
