@@ -38,7 +38,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from data import read_records
-from generate import OneLineParser, add_model_flags, check_model_flags, load, summarize
+from generate import OneLineParser, add_model_flags, check_model_flags, check_output, load, summarize
 from resumable import append_lines, complete_lines, cut_torn_line
 from tokenizer import n_to_newline
 
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
         if args.output is not None:
             if args.output.resolve() == args.data.resolve():
                 raise ValueError("--output must not be the --data file")
-            if not args.output.parent.is_dir():
-                raise ValueError(f"--output {args.output}: directory {args.output.parent} does not exist")
+            check_output(args.output)  # generate.py's: a missing directory, a directory, no write access
             read_done(args.output, records)  # a file from other data is refused now, not after the model loads
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
