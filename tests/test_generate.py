@@ -258,3 +258,27 @@ def test_early_stopping_never_on_a_case_built_for_it():
     options = dict(num_beams=2, length_penalty=1.0, max_new_tokens=10)
     assert run_scripted(ScriptedLM(table), **options) == [[0, 2, 1]]
     assert run_scripted(ScriptedLM(table), early_stopping="never", **options) == [[0, 3] + [5] * 9]
+
+
+def test_kv_cache_reorders_into_its_spare_and_refuses_to_overflow(toy, batch):
+    """Beam search's reorder copies the filled slots of each layer into the one spare buffer pair (no
+    fresh tensor per layer and step) and the two trade places; decoding on from the reordered cache
+    equals decoding the reordered prefixes from scratch; a step past the cache's slots is refused."""
+    model, _ = toy
+    ids, mask = batch
+    ids, mask = ids[:1], mask[:1]  # one document, two hypotheses (beams) of it
+    with torch.inference_mode():
+        enc = model.encode(ids, mask)
+        cache = model.new_cache(enc, mask, n_hyps=2, max_len=3)
+        prefix = torch.tensor([[0, 5, 6], [0, 7, 8]])  # (2, 3) decoder inputs of the two hypotheses
+        for t in range(2):
+            model.decode(prefix[:, t: t + 1], cache=cache, input_pos=torch.tensor([t]))
+        layer = cache.self_kv[0]
+        before, spare = layer.k[:, :, :2].clone(), cache.spare.k
+        cache.reorder(torch.tensor([1, 1]))  # both hypotheses continue hypothesis 1
+        assert layer.k is spare and torch.equal(layer.k[:, :, :2], before[[1, 1]])
+        cached = model.logits(model.decode(prefix[[1, 1], 2:3], cache=cache, input_pos=torch.tensor([2])))[:, -1]
+        again = model.logits(model.decode(prefix[[1, 1]], enc.expand(2, -1, -1), mask.expand(2, -1)))[:, -1]
+        assert torch.allclose(cached, again, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="past the decoder cache's 3 slots"):
+            model.decode(prefix[:, :1], cache=cache, input_pos=torch.tensor([3]))
