@@ -210,13 +210,17 @@ class BeamSearch:
     def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int) -> tuple[bool, torch.Tensor]:
         o, B, K = self.o, self.B, self.width
         logprobs = constrain(F.log_softmax(model.logits(h).float(), dim=-1), seqs, t, o, self.tok)  # (B*K, V)
-        V = logprobs.size(-1)
-        total = (logprobs.view(B, K, V) + self.scores[:, :, None]).view(B, K * V)  # (B, K*V)
-        # 2K candidates: even if K of them end here, K remain to carry on.
-        top, idx = total.topk(2 * K)  # (B, 2K), best first
-        parent = self.first_row + idx // V  # (B, 2K): the hypothesis (row of seqs) each one extends
+        # 2K candidates: even if K of them end here, K remain to carry on. The reference ranks all K*V
+        # continuations of a document at once; adding a beam's score keeps the order of its own
+        # tokens, so the best 2K overall are among each beam's best 2K: rank those K*2K instead
+        # (the same values; at pegasus-xsum's beam 8 the reference's topk reads 770k per document).
+        n = min(2 * K, logprobs.size(-1))  # a vocabulary smaller than 2K: all of it
+        best, token = logprobs.topk(n)  # (B*K, n) each beam's best
+        total = (best.view(B, K, n) + self.scores[:, :, None]).view(B, K * n)  # (B, K*n)
+        top, pick = total.topk(2 * K)  # (B, 2K), best first
+        parent = self.first_row + pick // n  # (B, 2K): the hypothesis (row of seqs) each one extends
         cand = seqs[parent]  # (B, 2K, L)
-        cand[:, :, t + 1] = idx % V
+        cand[:, :, t + 1] = token.view(B, K * n).gather(1, pick)
         ended = (cand[:, :, t + 1] == self.tok.eos) | (t + 1 == o.max_new_tokens)  # (B, 2K)
         self.add_finished(cand, top, ended, t)
         alive = top + ended * NEG  # the K best candidates that did not end run on
