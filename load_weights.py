@@ -12,7 +12,6 @@ copy of the weights.
 """
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -77,7 +76,6 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(ckpt, mmap))
 
 
-ROWS_BYTES = 2**26  # int8 loading reads 2-D tensors larger than this (64 MB) a block of rows at a time
 
 
 class Rows:
@@ -113,19 +111,22 @@ class Rows:
     def __getitem__(self, rows: slice) -> torch.Tensor:  # (r, D); clipped at the end, as tensor slicing is
         first, last = rows.start, min(rows.stop, self.shape[0])
         row_bytes = self.shape[1] * self.dtype.itemsize
-        fd = os.open(self.file, os.O_RDONLY)
-        try:
-            data = os.pread(fd, (last - first) * row_bytes, self.start + first * row_bytes)
-        finally:
-            os.close(fd)
-        return torch.frombuffer(bytearray(data), dtype=self.dtype).view(last - first, self.shape[1])
+        block = torch.empty((last - first) * row_bytes, dtype=torch.uint8)  # the file's bytes land here directly
+        view, done = memoryview(block.numpy()), 0
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.start + first * row_bytes)
+            while done < len(view) and (n := f.readinto(view[done:])):
+                done += n
+        if done < len(view):
+            raise ValueError(f"{self.file} ends inside a tensor: it is truncated")
+        return block.view(self.dtype).view(last - first, self.shape[1])
 
 
 def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
     """(name, tensor) for every tensor of a checkpoint, one at a time. Without mmap a safetensors
     tensor is read (pread) only when its turn comes, so a caller that converts each one and drops it
-    (load_model's int8 path) never holds more than one float tensor; with rows=True a 2-D one of more
-    than ROWS_BYTES comes as Rows, read in blocks of rows by whoever uses it."""
+    (load_model's int8 path) never holds more than one float tensor; with rows=True every 2-D one
+    comes as Rows, read in blocks of rows by whoever uses it."""
     from safetensors import SafetensorError, safe_open
     _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
     files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
@@ -143,9 +144,8 @@ def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
                 header, begin = Rows.header(ckpt / f) if rows and not mmap else ({}, 0)
                 for name in list(tensors.keys()):
                     info = header.get(name, {})
-                    b, e = info.get("data_offsets", (0, 0))
-                    if len(info.get("shape", ())) == 2 and e - b > ROWS_BYTES:  # big 2-D: read by blocks of rows
-                        yield name, Rows(ckpt / f, begin + b, info["shape"], info["dtype"])
+                    if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
+                        yield name, Rows(ckpt / f, begin + info["data_offsets"][0], info["shape"], info["dtype"])
                     else:
                         yield name, tensors.get_tensor(name)
         except SafetensorError as e:

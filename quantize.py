@@ -126,7 +126,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROWS_PER_CHUNK = 4096  # quantize big matrices (the 96103 x 1024 embedding) in slices: no full float temporary
+# quantize_weight works on blocks of rows of at most this many floats (512 KB): no full float temporary
+# of a big matrix (the 96103 x 1024 embedding), and blocks small enough that the allocator hands the
+# same memory back for the next one (load_weights sets glibc's mmap threshold to 1 MB while loading;
+# a bigger block would be a fresh mapping each time, a page fault per 4 KB).
+CHUNK_ELEMENTS = 2**17
 
 
 # ----------------------------------------------------------------------------- the arithmetic
@@ -137,15 +141,17 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with w ~ q * scale[:, None]. All-zero rows get scale 1 (any scale represents them exactly)."""
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # (out, in)
     scale = torch.empty(w.size(0), dtype=torch.float32, device=w.device)  # (out,)
-    # Four passes over each block of rows (loading a checkpoint quantizes 2.3 GB with this): max |w|
-    # (an inf-norm: no |w| copy), divide, round in place, convert. No clamp: |w| <= largest, so
-    # |w / s| <= 127 up to one rounding of the division, and round() cannot reach 128.
-    for i in range(0, w.size(0), ROWS_PER_CHUNK):
-        rows = w[i: i + ROWS_PER_CHUNK].float()  # (r, in)
-        largest = torch.linalg.vector_norm(rows, float("inf"), dim=1)  # (r,) max |w|
+    # A few passes over each block of rows (loading a checkpoint quantizes 2.3 GB with this): max |w|
+    # as max(max w, -min w) (no |w| copy; 14x faster here than torch.linalg's inf-norm, same value),
+    # divide, round in place, convert. No clamp: |w| <= largest, so |w / s| <= 127 up to one
+    # rounding of the division, and round() cannot reach 128.
+    step = max(1, CHUNK_ELEMENTS // w.size(1))  # rows per block
+    for i in range(0, w.size(0), step):
+        rows = w[i: i + step].float()  # (r, in)
+        largest = torch.maximum(rows.amax(1), -rows.amin(1))  # (r,) max |w|
         s = torch.where(largest > 0, largest / 127, torch.ones_like(largest))  # (r,)
-        q[i: i + ROWS_PER_CHUNK] = (rows / s[:, None]).round_()
-        scale[i: i + ROWS_PER_CHUNK] = s
+        q[i: i + step] = (rows / s[:, None]).round_()
+        scale[i: i + step] = s
     return q, scale
 
 

@@ -57,13 +57,12 @@ def test_loading_int8_equals_quantizing_the_float_model(toy):
 
 
 def test_big_tensors_are_read_by_rows_and_give_the_same_model(toy, monkeypatch):
-    """At full size the embedding table is read a block of rows at a time (load_weights.Rows); make
-    every 2-D tensor big enough for that here, and read the blocks 5 rows at a time."""
+    """Every matrix is read a block of rows at a time (load_weights.Rows); here blocks of 5 rows of
+    d_model floats, so that the 24-row embedding table ends in a clipped block."""
     import load_weights
     import quantize
     model, path = toy
-    monkeypatch.setattr(load_weights, "ROWS_BYTES", 0)
-    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 5)
+    monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 5 * model.config.d_model)
     reads = []
     monkeypatch.setattr(load_weights.Rows, "__getitem__",
                         lambda self, rows, read=load_weights.Rows.__getitem__: reads.append(rows) or read(self, rows))
