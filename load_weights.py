@@ -19,7 +19,7 @@ import torch
 
 from hub import files_needed, resolve, shard_files
 from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
-from quantize import Int8Linear, float_state_dict, quantize_model, quantize_weight
+from quantize import float_state_dict, pack_all, quantize_model, quantize_weight
 from tokenizer import PegasusTokenizer
 
 # Keys the reference stores but we derive: tied copies of `shared` and the fixed position tables.
@@ -285,9 +285,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     model.init_buffers()  # the position table was built on the meta device
     model.to(device)
     if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
-        for m in model.modules():
-            if isinstance(m, Int8Linear):
-                m.pack()
+        pack_all(model)
     model.generation_config = generation
     return model.eval(), tokenizer
 

@@ -120,7 +120,9 @@ for models other than Pegasus.)
 """
 
 import functools
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn as nn
@@ -163,6 +165,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> tor
 # ----------------------------------------------------------------------------- the fbgemm kernel
 
 
+_WARNINGS = threading.Lock()  # see fbgemm_pack
+
+
 @functools.cache
 def fbgemm_available() -> bool:
     """fbgemm is PyTorch's x86 int8 GEMM library (AVX2 / AVX-512 / VNNI kernels)."""
@@ -175,7 +180,10 @@ def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None)
     PyTorch's packing op reads a per-channel "quantized tensor"; we build one for the call only (a
     transient copy of one matrix). The quantized engine is a process-wide setting that chooses which
     library packs; we choose fbgemm explicitly for this call and restore the user's setting."""
-    with warnings.catch_warnings():  # PyTorch deprecates quantized tensors in favour of torchao
+    # PyTorch deprecates quantized tensors in favour of torchao. catch_warnings swaps the process's
+    # filter list and puts it back on exit, which interleaved in two threads (pack_all) would leave
+    # our "ignore" in force: one thread at a time here; only the packing below runs in parallel.
+    with _WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         zero = torch.zeros(q.size(0), dtype=torch.long)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)  # (out, in) qint8
@@ -326,10 +334,14 @@ class Int8TiedEmbedding(Int8Embedding):
     def from_embedding(cls, embedding: nn.Embedding) -> "Int8TiedEmbedding":
         return cls.from_weight(embedding.weight)
 
+    def pack(self) -> "Int8TiedEmbedding":
+        """Make the head's packed copy now (CPU with fbgemm only; otherwise a no-op)."""
+        if self.packed is None and self.scale.device.type == "cpu" and fbgemm_available():
+            self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
+        return self
+
     def project(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
-        if self.scale.device.type == "cpu" and fbgemm_available():
-            if self.packed is None:
-                self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
+        if self.pack().packed is not None:
             y = torch.ops.quantized.linear_dynamic(h.float().contiguous(), self.packed, fbgemm_reduce_range())
             return y.to(h.dtype)
         return F.linear(h, self.weight.to(h.dtype)) * self.scale.to(h.dtype)  # weight-only int8
@@ -383,6 +395,25 @@ def quantize_model(model: nn.Module) -> nn.Module:
     load_weights fills from a float checkpoint without building the float model."""
     quantize_int8(model)
     model.shared = Int8TiedEmbedding.from_embedding(model.shared)
+    return model
+
+
+def pack_all(model: nn.Module) -> nn.Module:
+    """Pack every int8 matrix of `model` for fbgemm now (the output head too), not on first use.
+    fbgemm packs a matrix on one thread, so torch.get_num_threads() matrices are packed at once
+    (the op releases Python's lock): at pegasus-xsum shape packing is ~3.8 s of one core. The
+    quantized engine is a process-wide setting that fbgemm_pack sets and restores around each
+    call; it is set here around all of them, so that no thread restores it while another packs."""
+    matrices = [m for m in model.modules() if isinstance(m, (Int8Linear, Int8TiedEmbedding))]
+    matrices.sort(key=lambda m: -m.scale.numel())  # the biggest (the head) first: threads finish together
+    engine = torch.backends.quantized.engine
+    if fbgemm_available():
+        torch.backends.quantized.engine = "fbgemm"
+    try:
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(lambda m: m.pack(), matrices))
+    finally:
+        torch.backends.quantized.engine = engine
     return model
 
 

@@ -47,12 +47,23 @@ def same_state(a: dict, b: dict) -> bool:
 
 
 def test_loading_int8_equals_quantizing_the_float_model(toy):
+    """Also: every matrix, the output head included, is packed up front where fbgemm exists (on
+    several threads: quantize.pack_all), and the process's warning filters and quantized engine are
+    as they were."""
+    import warnings
     model, path = toy
-    loaded, _ = load_model(path, with_tokenizer=False, quantize="int8")
+    filters, engine = list(warnings.filters), torch.backends.quantized.engine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # pack_all's pool size
+    try:
+        loaded, _ = load_model(path, with_tokenizer=False, quantize="int8")
+    finally:
+        torch.set_num_threads(threads)
+    assert warnings.filters == filters and torch.backends.quantized.engine == engine
     assert isinstance(loaded.shared, Int8TiedEmbedding) and loaded.dtype == torch.float32
     assert not any(isinstance(m, nn.Linear) for m in loaded.modules())
-    assert all(m.packed is not None for m in loaded.modules() if isinstance(m, Int8Linear)) or not \
-        Int8Linear(1, 1).use_fbgemm()  # packed up front where fbgemm exists
+    assert all(m.packed is not None for m in loaded.modules() if isinstance(m, (Int8Linear, Int8TiedEmbedding))) \
+        or not Int8Linear(1, 1).use_fbgemm()
     assert same_state(loaded.state_dict(), quantize_model(copy.deepcopy(model)).state_dict())
 
 
