@@ -13,11 +13,15 @@ instead, as feature stories do), a few sentences that repeat the entities with m
 one distractor sentence about something else. Its summary restates the key facts in other words,
 so the first sentence (Lead) is a good baseline but not the answer.
 
+`entities(text)` picks out the story-specific facts a text states (its invented names and its numbers), so that
+notebook 05 can measure whether a summary copied the right ones from its story.
+
 This is toy data, not news: the templates are few and the language is narrow. It is only meant to make
 the *mechanism* of the paper's experiment visible at a scale a laptop can train.
 """
 
 import random
+import re
 
 _ONSETS = ["b", "br", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "sh", "j"]
 _VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o"]
@@ -172,6 +176,23 @@ def story(rng: random.Random, kind: str | None = None) -> tuple[str, str]:
     if rng.random() < 0.5:  # feature-style opening: the key facts are not in the first sentence
         sentences.insert(0, _scene(rng, town))
     return " ".join(sentences), summary
+
+
+# The capitalised words the templates themselves write (sentence openings, titles, days, company and landmark
+# endings): everything else capitalised in a story is a name made up for that story, first names included.
+TEMPLATE_CAPITALS = {
+    "A", "Bank", "Elsewhere", "Energy", "Fell", "Few", "Foods", "Friday", "Hill", "I", "It", "Labs", "Logistics",
+    "Mayor", "Media", "Monday", "Motors", "Opponents", "Other", "Peak", "Pharma", "Professor", "Rescuers", "Ridge",
+    "Roadworks", "Saturday", "Scientists", "Shares", "Steel", "Sunday", "Systems", "The", "They", "This",
+    "Thursday", "Tickets", "Tuesday", "University", "We", "Wednesday"}
+
+
+def entities(text: str) -> set[str]:
+    """The story-specific facts a text states: its names (capitalised words that are not template words) and its
+    numbers. A summary of a new story can only get these right by copying them from the story, so comparing a
+    summary's entities with its story's and its reference's measures copying (notebook 05)."""
+    words = re.findall(r"[A-Za-z]+|[0-9]+", text)
+    return {w for w in words if w.isdigit() or (w[0].isupper() and w not in TEMPLATE_CAPITALS)}
 
 
 def stories(n: int, seed: int = 0) -> list[tuple[str, str]]:
