@@ -25,7 +25,7 @@ from tqdm import tqdm
 from data import read_records
 from decoding import DecodingOptions, generate
 from distributed import setup_distributed
-from load_weights import load_model
+from load_weights import load_model, returning_freed_memory
 from onednn import bf16_supported, screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
@@ -51,13 +51,15 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize)
     if key not in _LOADED:
         # Not memory-mapped: use_onednn then frees each original weight as it converts it.
-        model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
-                                      original=original, quantize=quantize)
+        with returning_freed_memory():
+            model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
+                                          original=original, quantize=quantize)
+            if quantize is None:
+                model = use_onednn(model)
         if quantize is None:
             if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
                 print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 runs "
                       "slowly here: float32 or --quantize int8 are faster", file=sys.stderr)
-            model = use_onednn(model)
             _ARGMAX[id(model)] = screened_argmax(model)
         _LOADED[key] = model, tokenizer
     return _LOADED[key]

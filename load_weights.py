@@ -12,6 +12,7 @@ copy of the weights.
 """
 
 import json
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,19 +153,40 @@ def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
             raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
 
 
-def return_freed_memory():
-    """Make glibc's malloc give every large freed block straight back to the system (Linux; elsewhere
-    nothing happens). Loading without mmap allocates a float tensor, converts it (int8, or oneDNN's
-    packed copy) and frees it, hundreds of times. By default glibc raises its mmap threshold to the
-    size of the largest block freed so far (up to 32 MB), after which such blocks come from the heap,
-    where freed ones between live ones are kept, not returned: measured at pegasus-xsum shape, the
-    int8 load then ended at 1.75 GB resident instead of 0.85 GB. A fixed threshold (M_MMAP_THRESHOLD,
-    option -3) of 1 MB gives each large tensor its own mapping, released when it is freed."""
+_RETURNING = 0  # how many returning_freed_memory blocks are open (they nest: generate.load wraps load_model)
+
+
+@contextmanager
+def returning_freed_memory():
+    """Inside the block, glibc's malloc gives every large freed block straight back to the system
+    (Linux; elsewhere nothing happens). Loading without mmap allocates a float tensor, converts it
+    (int8, or oneDNN's packed copy) and frees it, hundreds of times. By default glibc raises its mmap
+    threshold to the size of the largest block freed so far (up to 32 MB), after which such blocks
+    come from the heap, where freed ones between live ones are kept, not returned: measured at
+    pegasus-xsum shape, the int8 load then ended at 1.75 GB resident instead of 0.85 GB. A fixed
+    threshold (M_MMAP_THRESHOLD, option -3) of 1 MB gives each large tensor its own mapping,
+    released when it is freed.
+
+    After the block the thresholds go to the ceilings glibc's own rule reaches (mmap 32 MB, trim
+    64 MB; a fixed setting cannot be undone): left at 1 MB, every activation over 1 MB that
+    decoding allocates would be a fresh mapping, zero-filled a page at a time (measured on this
+    project's AVX2 EPYC, 2 threads: the PEGASUS-X encoder at 4,096 tokens in int8, ~6.1 s -> ~5.2 s)."""
     import ctypes
+    global _RETURNING
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        pass
+        mallopt = lambda option, value: None  # noqa: E731
+    if _RETURNING == 0:
+        mallopt(-3, 1 << 20)
+    _RETURNING += 1
+    try:
+        yield
+    finally:
+        _RETURNING -= 1
+        if _RETURNING == 0:
+            mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def read_config(ckpt: Path):
@@ -231,61 +253,63 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         if quantize:
             quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     expected = model.state_dict()  # names and shapes (meta tensors)
-    if quantize or not mmap:
-        return_freed_memory()
-    state, copies = {}, {}
-    # int8: each tensor read on its own (no mmap: mapped pages would stay resident) and quantized at once
-    for key, t in iter_tensors(ckpt, mmap and not quantize, rows=bool(quantize)):
-        int8 = quantize and (key in TIED or expected.get(key.removeprefix("model."), t).dtype == torch.int8)
-        if isinstance(t, Rows) and not int8:  # only quantize_weight reads by rows
-            t = t[0: t.size(0)]
-        if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
-            raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
-                             f"type: this is not a weight this model can use")
-        if key in TIED or key in POSITIONS:
-            copies[key] = quantize_weight(t) if int8 else t  # derived tensors: checked below, never loaded
-            continue
-        name = key.removeprefix("model.")
-        if name not in expected:
-            raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
-        if t.shape != expected[name].shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape {tuple(expected[name].shape)}")
-        if int8:  # a matrix: int8 rows and a scale per row
-            state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
+    with returning_freed_memory() if quantize or not mmap else nullcontext():
+        state, copies = {}, {}
+        # int8: each tensor read on its own (no mmap: mapped pages would stay resident) and quantized at once
+        for key, t in iter_tensors(ckpt, mmap and not quantize, rows=bool(quantize)):
+            int8 = quantize and (key in TIED or expected.get(key.removeprefix("model."), t).dtype == torch.int8)
+            if isinstance(t, Rows) and not int8:  # only quantize_weight reads by rows
+                t = t[0: t.size(0)]
+            if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
+                raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
+                                 f"type: this is not a weight this model can use")
+            if key in TIED or key in POSITIONS:
+                copies[key] = quantize_weight(t) if int8 else t  # derived tensors: checked below, never loaded
+                continue
+            name = key.removeprefix("model.")
+            if name not in expected:
+                raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
+            if t.shape != expected[name].shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape "
+                                 f"{tuple(expected[name].shape)}")
+            if int8:  # a matrix: int8 rows and a scale per row
+                state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
+                if name == "shared.weight":
+                    copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
+                continue
             if name == "shared.weight":
-                copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
-            continue
-        if name == "shared.weight":
-            copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
-        state[name] = t.to(device=device, dtype=dtype)
-    if "final_logits_bias" in expected and "final_logits_bias" not in state:  # some exports omit it: zeros
-        state["final_logits_bias"] = torch.zeros(expected["final_logits_bias"].shape, dtype=dtype, device=device)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
-    shared = copies.pop("shared.weight")
-    for key, t in copies.items():
-        if quantize and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
-            (q, s), (q0, s0) = t, shared
-            if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
-                raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
+                copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
+            state[name] = t.to(device=device, dtype=dtype)
+        if "final_logits_bias" in expected and "final_logits_bias" not in state:  # some exports omit it: zeros
+            state["final_logits_bias"] = torch.zeros(expected["final_logits_bias"].shape, dtype=dtype, device=device)
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        shared = copies.pop("shared.weight")
+        for key, t in copies.items():
+            if quantize and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
+                (q, s), (q0, s0) = t, shared
+                if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
+                    raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
+                                     f"this checkpoint is not a standard {config.model_type}")
+                continue
+            # An untied output head or another position formula would silently give other logits. The
+            # stored copy was rounded to its stored dtype (a float16 table differs from the float32
+            # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
+            ref = shared if key in TIED or t.dim() != 2 else sinusoids(t.size(0), t.size(1))
+            coarsest = max(torch.finfo(t.dtype).eps, torch.finfo(ref.dtype).eps)
+            close = t.shape == ref.shape and torch.allclose(t.float(), ref.float(), rtol=coarsest,
+                                                            atol=max(coarsest, 1e-4))
+            if not close:
+                what = "shared embedding" if key in TIED else "sinusoid table"
+                raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
                                  f"this checkpoint is not a standard {config.model_type}")
-            continue
-        # An untied output head or another position formula would silently give other logits. The
-        # stored copy was rounded to its stored dtype (a float16 table differs from the float32
-        # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
-        ref = shared if key in TIED or t.dim() != 2 else sinusoids(t.size(0), t.size(1))
-        coarsest = max(torch.finfo(t.dtype).eps, torch.finfo(ref.dtype).eps)
-        if t.shape != ref.shape or not torch.allclose(t.float(), ref.float(), rtol=coarsest, atol=max(coarsest, 1e-4)):
-            what = "shared embedding" if key in TIED else "sinusoid table"
-            raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
-                             f"this checkpoint is not a standard {config.model_type}")
-    model.load_state_dict(state, assign=True, strict=True)
-    state.clear()  # the model holds the tensors now; packing below can free each plain int8 one
-    model.init_buffers()  # the position table was built on the meta device
-    model.to(device)
-    if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
-        pack_all(model)
+        model.load_state_dict(state, assign=True, strict=True)
+        state.clear()  # the model holds the tensors now; packing below can free each plain int8 one
+        model.init_buffers()  # the position table was built on the meta device
+        model.to(device)
+        if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
+            pack_all(model)
     model.generation_config = generation
     return model.eval(), tokenizer
 

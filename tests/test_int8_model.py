@@ -230,3 +230,23 @@ def test_evaluate_with_int8(checkpoint, tmp_path, capsys):
                           "--dtype", "bfloat16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--quantize int8" in err
+
+
+def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
+    """load_model's 1 MB mmap threshold (load_weights.returning_freed_memory) holds only while loading:
+    the blocks nest (generate.load wraps load_model and the oneDNN conversion), and the outermost one
+    ends it, after a failed load too."""
+    import load_weights
+    _, path = toy
+    with load_weights.returning_freed_memory():
+        load_model(path, with_tokenizer=False, quantize="int8")
+        assert load_weights._RETURNING == 1  # still inside the outer block
+    assert load_weights._RETURNING == 0
+    import shutil
+
+    from safetensors.torch import save_file
+    bad = Path(shutil.copytree(path, tmp_path / "bad"))
+    save_file({"bogus": torch.zeros(2)}, bad / "model.safetensors")  # refused while reading the tensors
+    with pytest.raises(ValueError, match="unexpected tensor 'bogus'"):
+        load_model(bad, with_tokenizer=False, quantize="int8")
+    assert load_weights._RETURNING == 0
