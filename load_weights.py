@@ -80,11 +80,13 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
 
 
 class Rows:
-    """A large 2-D tensor of a safetensors file, read a block of rows at a time (os.pread at its
-    offset in the file): quantize.quantize_weight needs only its shape and row slices, so the int8
-    path never holds the whole float embedding table (394 MB at pegasus-xsum shape). (safetensors'
-    own get_slice reads the whole tensor first.) The format: an 8-byte little-endian header length,
-    a JSON header with each tensor's dtype, shape and byte range after the header, then the bytes."""
+    """A 2-D tensor of a safetensors file, read a block of rows at a time (straight from its offset in
+    the file into the block's memory): quantize.quantize_weight needs only its shape and row slices,
+    so the int8 path never holds a whole float matrix (394 MB for the embedding table at pegasus-xsum
+    shape), and its small blocks reuse memory the allocator already has, where a fresh full tensor
+    costs a page fault per 4 KB. (safetensors' own get_slice reads the whole tensor first.) The
+    format: an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape and
+    byte range after the header, then the bytes."""
 
     DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     device = torch.device("cpu")
