@@ -136,9 +136,8 @@ def main(argv=None) -> int:
         check_model_flags(args)
         records = read_records(args.data, ("text", "summary"))
         if args.output is not None:
-            if args.output.resolve() == args.data.resolve():
-                raise ValueError("--output must not be the --data file")
-            check_output(args.output)  # generate.py's: a missing directory, a directory, no write access
+            # generate.py's: the input file itself, a missing directory, a directory, no write access
+            check_output(args.output, reads=(args.data,))
             read_done(args.output, records)  # a file from other data is refused now, not after the model loads
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -233,10 +233,14 @@ def check_device(device: str, dtype: str):
         raise ValueError("float16 is not supported on CPU; use --dtype float32 or bfloat16, or a GPU")
 
 
-def check_output(path: Path | None):
-    """--output must be a file we can create: checked now, not after all the summarizing."""
+def check_output(path: Path | None, reads: tuple[Path | None, ...] = ()):
+    """--output must be a file we can create, and not one of the files the run `reads` (the input would
+    be overwritten by its own summaries): checked now, not after all the summarizing."""
     if path is None:
         return
+    for r in reads:
+        if r is not None and (path.resolve() == r.resolve() or (path.exists() and r.exists() and path.samefile(r))):
+            raise ValueError(f"--output {path} is the input file {r}; write the summaries to another file")
     if path.is_dir():
         raise ValueError(f"--output {path} is a directory; give a file name")
     parent = path.parent
@@ -313,7 +317,7 @@ def main(argv=None) -> int:
         if args.revision is not None and (not args.revision.strip() or Path(args.model).expanduser().exists()):
             raise ValueError(f"--revision {args.revision!r} needs a hub id as --model, not a local directory"
                              if args.revision.strip() else "--revision is empty")
-        check_output(args.output)
+        check_output(args.output, reads=(args.file,))
         texts, records = read_documents(args)
         corpus = records is not None and args.output is not None  # resumable; shared out under torchrun
         if "RANK" in os.environ and not corpus:

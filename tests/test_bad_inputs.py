@@ -101,6 +101,10 @@ def no_mps():
     (["--output", "{tmp}/no/such/dir/out.txt", "text"], None, "directory {tmp}/no/such/dir does not exist"),
     (["--output", "{tmp}", "text"], None, "is a directory; give a file name"),
     (["--output", "{tmp}/doc.txt/out.txt", "text"], None, "does not exist"),  # parent is a file
+    # the input would be overwritten by its own summary (the same file, also by another path and by a link)
+    (["--file", "{tmp}/doc.txt", "--output", "{tmp}/doc.txt"], None, "--output {tmp}/doc.txt is the input file"),
+    (["--file", "{tmp}/doc.txt", "--output", "{tmp}/../{tmpname}/doc.txt"], None, "is the input file"),
+    (["--file", "{tmp}/doc.txt", "--output", "{tmp}/link.txt"], None, "is the input file"),
 ])
 def test_bad_request_is_one_line_before_loading(args, stdin, message, tmp_path, capsys, monkeypatch):
     (tmp_path / "doc.txt").write_text("A document.")
@@ -110,7 +114,8 @@ def test_bad_request_is_one_line_before_loading(args, stdin, message, tmp_path, 
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
     (tmp_path / "notjson.jsonl").write_text("just some text\n")
     (tmp_path / "array.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}], indent=2))
-    args = [a.format(tmp=tmp_path, model="cuda:x:y") for a in args]
+    (tmp_path / "link.txt").symlink_to(tmp_path / "doc.txt")
+    args = [a.format(tmp=tmp_path, tmpname=tmp_path.name, model="cuda:x:y") for a in args]
     code, out, err = run(args, capsys, monkeypatch, stdin=stdin if stdin is not None else b"")
     assert (code, out) == (2, ""), err
     assert one_line(err) and message.format(tmp=tmp_path) in err, err

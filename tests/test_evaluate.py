@@ -158,6 +158,15 @@ def test_an_output_from_other_data_is_refused_before_loading(tmp_path, capsys):
                                  "delete it or choose another --output\n"
 
 
+def test_the_data_file_as_output_is_refused_before_loading(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(DATA.read_text())
+    code, _, err = run(capsys, "--model", tmp_path / "no-such-model", "--data", data, "--output", data)
+    assert code == 2 and err == f"error: --output {data} is the input file {data}; write the summaries to " \
+                                 "another file\n"
+    assert data.read_text() == DATA.read_text()
+
+
 @pytest.mark.parametrize("line, problem", [
     ('{"text": "A text."', "2: not valid JSON"),
     ('{"text": "A text."}', "2: missing field 'summary'"),
