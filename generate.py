@@ -55,12 +55,11 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
             model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
                                           original=original, quantize=quantize)
             if quantize is None:
+                if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
+                    print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 "
+                          "runs slowly here: float32 or --quantize int8 are faster", file=sys.stderr)
                 model = use_onednn(model)
-        if quantize is None:
-            if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
-                print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 runs "
-                      "slowly here: float32 or --quantize int8 are faster", file=sys.stderr)
-            _ARGMAX[id(model)] = screened_argmax(model)
+                _ARGMAX[id(model)] = screened_argmax(model)
         _LOADED[key] = model, tokenizer
     return _LOADED[key]
 

@@ -77,8 +77,6 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(ckpt, mmap))
 
 
-
-
 class Rows:
     """A 2-D tensor of a safetensors file, read a block of rows at a time (straight from its offset in
     the file into the block's memory): quantize.quantize_weight needs only its shape and row slices,

@@ -174,6 +174,11 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def runs_on_fbgemm(t: torch.Tensor) -> bool:
+    """Whether a module whose tensors are where `t` is multiplies with fbgemm (a CPU that has it)."""
+    return t.device.type == "cpu" and fbgemm_available()
+
+
 def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
     """int8 weight (out, in), scales (out,), float bias -> fbgemm's packed weight (an opaque object).
 
@@ -252,7 +257,7 @@ class Int8Linear(nn.Module):
         return cls.from_weight(linear.weight, linear.bias)
 
     def use_fbgemm(self) -> bool:
-        return self.scale.device.type == "cpu" and fbgemm_available()
+        return runs_on_fbgemm(self.scale)
 
     def pack(self) -> "Int8Linear":
         """Move the int8 weight into fbgemm's layout (CPU with fbgemm only; otherwise a no-op)."""
@@ -336,7 +341,7 @@ class Int8TiedEmbedding(Int8Embedding):
 
     def pack(self) -> "Int8TiedEmbedding":
         """Make the head's packed copy now (CPU with fbgemm only; otherwise a no-op)."""
-        if self.packed is None and self.scale.device.type == "cpu" and fbgemm_available():
+        if self.packed is None and runs_on_fbgemm(self.scale):
             self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
         return self
 
