@@ -50,9 +50,10 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     load_weights.load_model (the TF positions and "<n>" newlines)."""
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize)
     if key not in _LOADED:
-        # Not memory-mapped: use_onednn then frees each original weight as it converts it.
+        # Memory-mapped: use_onednn packs each weight straight from the page cache, and the mapped pages
+        # of each one are let go as it is replaced (load_weights.mapped_tensors).
         with returning_freed_memory():
-            model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, mmap=False, revision=revision,
+            model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, revision=revision,
                                           original=original, quantize=quantize)
             if quantize is None:
                 if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():

@@ -86,8 +86,8 @@ module saves, loads and moves like any other. At pegasus-xsum shape (568.7M para
 in float32): 470M linear weights packed (0.47 GB), the int8 embedding table (98M, 0.10 GB) and the
 int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights. Measured peak
 RSS (one process each, random weights, encode 505 tokens then 10 greedy and 10 beam-8 steps; the
-~0.3 GB of the PyTorch runtime is in every figure): float32 loaded as generate.load does (no mmap,
-oneDNN packing) 3.17 GB; float32 built in the process 2.59 GB; int8 (skeleton on the meta device,
+~0.3 GB of the PyTorch runtime is in every figure): float32 read into memory, then packed for
+oneDNN 3.17 GB; float32 built in the process 2.59 GB; int8 (skeleton on the meta device,
 an int8 state file holding the table once, torch.load, pack, int8_head) 1.14 GB, 0.36x of the
 float32 load path (0.31x without the runtime), 1.00 GB at rest. quantize_int8 on a float model in
 the same process adds 0.04 GB to the float model's peak (one layer at a time).

@@ -57,7 +57,7 @@ def load_ours(impl: str, checkpoint):
 
     if impl == "ours+int8":
         return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8")[0], None
-    model, _ = load_model(checkpoint, with_tokenizer=False, mmap=impl == "ours")
+    model, _ = load_model(checkpoint, with_tokenizer=False)  # memory-mapped
     if impl == "ours+onednn":
         return use_onednn(model), screened_argmax(model)
     return model, None

@@ -8,6 +8,7 @@ of real text.
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,34 @@ def test_no_meta_tensor_is_left_after_loading(good_checkpoint):
     ids, mask, dec = batch(tok)
     with torch.no_grad():
         assert torch.equal(unmapped(ids, mask, dec), model(ids, mask, dec))
+
+
+def _resident_file_pages_mb() -> float:
+    """RssFile of this process (file-backed pages it has mapped and touched), in MB; Linux only."""
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
+def test_mapped_tensors_are_copy_on_write_and_let_go_of_their_pages(tmp_path):
+    """load_model's default (memory-mapped) tensors: reading one makes its pages resident, freeing it
+    gives them back even while another tensor of the same file is alive (what keeps onednn.use_onednn's
+    peak at one copy), and writing to one never reaches the file."""
+    from safetensors.torch import load_file, save_file
+
+    from load_weights import mapped_tensors
+    file = tmp_path / "model.safetensors"
+    save_file({"a": torch.arange(16 << 20, dtype=torch.float32).view(4096, -1), "b": torch.ones(3),
+               "c": torch.zeros(0, 4), "i": torch.arange(5)}, str(file))  # a is 64 MB
+    tensors = dict(mapped_tensors(file))
+    assert tensors["i"].dtype == torch.int64 and tensors["c"].shape == (0, 4)
+    before = _resident_file_pages_mb()
+    assert tensors["a"].sum().item() == float(sum(range(16 << 20)))  # every page read once
+    assert _resident_file_pages_mb() - before > 60
+    tensors["b"] += 1  # a private copy of its page: the file keeps its ones
+    assert torch.equal(tensors["b"], torch.full((3,), 2.0))
+    del tensors["a"]
+    assert _resident_file_pages_mb() - before < 4, "a's pages stay resident after it was freed"
+    assert torch.equal(load_file(str(file))["b"], torch.ones(3)) and torch.equal(tensors["i"], torch.arange(5))
