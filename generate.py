@@ -25,10 +25,11 @@ from tqdm import tqdm
 from data import read_records
 from decoding import DecodingOptions, generate
 from distributed import setup_distributed
-from load_weights import load_model, returning_freed_memory
+from load_weights import load_model
 from onednn import bf16_supported, screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
+from weight_files import returning_freed_memory
 
 __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 
@@ -51,7 +52,7 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize)
     if key not in _LOADED:
         # Memory-mapped: use_onednn packs each weight straight from the page cache, and the mapped pages
-        # of each one are let go as it is replaced (load_weights.mapped_tensors).
+        # of each one are let go as it is replaced (weight_files.mapped_tensors).
         with returning_freed_memory():
             model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, revision=revision,
                                           original=original, quantize=quantize)

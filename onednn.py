@@ -19,7 +19,7 @@ benchmarks/speed.py's setting, 1 and 8 rows per step). These are the same ops th
 backend (inductor) emits for a frozen model: mkldnn._reorder_linear_weight, mkldnn._linear_pointwise.
 
 A model from load_model (memory-mapped, the default) is packed straight from the page cache, and
-each original weight's pages are let go as it is replaced (load_weights.mapped_tensors), so the
+each original weight's pages are let go as it is replaced (weight_files.mapped_tensors), so the
 file's pages never stay resident beside the packed copy. generate.py's CLI and summarize() do this
 for float32 on CPU; generate() itself never converts, so the parity tests run PyTorch's default path.
 """

@@ -130,8 +130,8 @@ import torch.nn.functional as F
 
 # quantize_weight works on blocks of rows of at most this many floats (512 KB): no full float temporary
 # of a big matrix (the 96103 x 1024 embedding), and blocks small enough that the allocator hands the
-# same memory back for the next one (load_weights sets glibc's mmap threshold to 1 MB while loading;
-# a bigger block would be a fresh mapping each time, a page fault per 4 KB).
+# same memory back for the next one (weight_files.returning_freed_memory sets glibc's mmap threshold
+# to 1 MB while loading; a bigger block would be a fresh mapping each time, a page fault per 4 KB).
 CHUNK_ELEMENTS = 2**17
 
 

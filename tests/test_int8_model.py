@@ -68,15 +68,15 @@ def test_loading_int8_equals_quantizing_the_float_model(toy):
 
 
 def test_big_tensors_are_read_by_rows_and_give_the_same_model(toy, monkeypatch):
-    """Every matrix is read a block of rows at a time (load_weights.Rows); here blocks of 5 rows of
+    """Every matrix is read a block of rows at a time (weight_files.Rows); here blocks of 5 rows of
     d_model floats, so that the 24-row embedding table ends in a clipped block."""
-    import load_weights
     import quantize
+    import weight_files
     model, path = toy
     monkeypatch.setattr(quantize, "CHUNK_ELEMENTS", 5 * model.config.d_model)
     reads = []
-    monkeypatch.setattr(load_weights.Rows, "__getitem__",
-                        lambda self, rows, read=load_weights.Rows.__getitem__: reads.append(rows) or read(self, rows))
+    monkeypatch.setattr(weight_files.Rows, "__getitem__",
+                        lambda self, rows, read=weight_files.Rows.__getitem__: reads.append(rows) or read(self, rows))
     loaded, _ = load_model(path, with_tokenizer=False, quantize="int8")
     assert len(reads) > 10 and any(r.stop > 24 for r in reads)  # the 24-row table's last block is clipped
     assert same_state(loaded.state_dict(), quantize_model(copy.deepcopy(model)).state_dict())
@@ -233,15 +233,15 @@ def test_evaluate_with_int8(checkpoint, tmp_path, capsys):
 
 
 def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
-    """load_model's 1 MB mmap threshold (load_weights.returning_freed_memory) holds only while loading:
+    """load_model's 1 MB mmap threshold (weight_files.returning_freed_memory) holds only while loading:
     the blocks nest (generate.load wraps load_model and the oneDNN conversion), and the outermost one
     ends it, after a failed load too."""
-    import load_weights
+    import weight_files
     _, path = toy
-    with load_weights.returning_freed_memory():
+    with weight_files.returning_freed_memory():
         load_model(path, with_tokenizer=False, quantize="int8")
-        assert load_weights._RETURNING == 1  # still inside the outer block
-    assert load_weights._RETURNING == 0
+        assert weight_files._RETURNING == 1  # still inside the outer block
+    assert weight_files._RETURNING == 0
     import shutil
 
     from safetensors.torch import save_file
@@ -249,4 +249,4 @@ def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
     save_file({"bogus": torch.zeros(2)}, bad / "model.safetensors")  # refused while reading the tensors
     with pytest.raises(ValueError, match="unexpected tensor 'bogus'"):
         load_model(bad, with_tokenizer=False, quantize="int8")
-    assert load_weights._RETURNING == 0
+    assert weight_files._RETURNING == 0

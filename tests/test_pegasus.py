@@ -292,7 +292,7 @@ def test_mapped_tensors_are_copy_on_write_and_let_go_of_their_pages(tmp_path):
     peak at one copy), and writing to one never reaches the file."""
     from safetensors.torch import load_file, save_file
 
-    from load_weights import mapped_tensors
+    from weight_files import mapped_tensors
     file = tmp_path / "model.safetensors"
     save_file({"a": torch.arange(16 << 20, dtype=torch.float32).view(4096, -1), "b": torch.ones(3),
                "c": torch.zeros(0, 4), "i": torch.arange(5)}, str(file))  # a is 64 MB

@@ -1,0 +1,192 @@
+"""Reading the tensors of a checkpoint's weight files (safetensors, or torch.save'd .bin), three ways:
+
+- memory-mapped (mapped_tensors, the default): nothing is read until a tensor is used, and each
+  tensor lets go of its pages when it is freed;
+- read into ordinary memory (pread), tensor by tensor;
+- a matrix a block of rows at a time (Rows), for the int8 loader, which never holds a float matrix.
+
+load_weights.load_model decides which; this module only reads. returning_freed_memory is the
+allocator setting that keeps memory low while a loader converts and frees tensor after tensor.
+"""
+
+import json
+import mmap
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from hub import files_needed, shard_files
+
+
+def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict. weights_only=True refuses pickles that would run arbitrary code.
+    Files from torch < 1.6 are not zip archives and cannot be memory-mapped: read those whole."""
+    import pickle
+    import zipfile
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
+            raise ValueError(f"{file} is refused as unsafe: it holds Python objects other than tensors, which "
+                             f"loading would have to execute") from None
+        raise ValueError(f"{file} is not a valid PyTorch checkpoint (corrupt or truncated?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a valid PyTorch checkpoint (corrupt or truncated?): "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{file} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: memory-mapped (pages read on first use, each tensor's let go when
+    it is freed: mapped_tensors), or read into ordinary memory."""
+    return dict(iter_tensors(ckpt, mmap))
+
+
+# safetensors' dtype names; the rest (float8, unsigned ints) are read as bytes and refused as "not a float".
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def mapped_tensors(file: Path):
+    """(name, tensor) for every tensor of a safetensors file, each a view of one copy-on-write memory
+    map of the file: nothing is read until a tensor is used, and then straight from the page cache
+    (no copy; writing to a tensor never changes the file). Each tensor lets go of its own pages when
+    it is freed (madvise DONTNEED), so a converter that replaces the weights one by one
+    (onednn.use_onednn packs each into a new layout) never holds the file's pages beside its copies:
+    measured at pegasus-xsum shape, this loads and packs in 2.2 s on one core where reading every
+    tensor into fresh memory first took 4.1 s (1.5 s of that was page faults on the fresh memory)."""
+    header, begin = Rows.header(file)
+    header.pop("__metadata__", None)
+    with open(file, "rb") as f:
+        whole = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))  # the map outlives the file handle
+    for name, info in header.items():
+        first, last = (begin + offset for offset in info["data_offsets"])
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
+        if last == first:  # frombuffer refuses an empty buffer
+            yield name, torch.empty(info["shape"], dtype=dtype)
+            continue
+        view = whole[first:last]
+        pages = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, last // mmap.PAGESIZE * mmap.PAGESIZE  # wholly its own
+        if pages[1] > pages[0] and hasattr(whole.obj, "madvise"):  # not on Windows
+            weakref.finalize(view, whole.obj.madvise, mmap.MADV_DONTNEED, pages[0], pages[1] - pages[0]).atexit = False
+        yield name, torch.frombuffer(view, dtype=dtype).view(info["shape"])  # the tensor holds `view`
+
+
+class Rows:
+    """A 2-D tensor of a safetensors file, read a block of rows at a time (straight from its offset in
+    the file into the block's memory): quantize.quantize_weight needs only its shape and row slices,
+    so the int8 path never holds a whole float matrix (394 MB for the embedding table at pegasus-xsum
+    shape), and its small blocks reuse memory the allocator already has, where a fresh full tensor
+    costs a page fault per 4 KB. (safetensors' own get_slice reads the whole tensor first.) The
+    format: an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape and
+    byte range after the header, then the bytes."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, file: Path, start: int, shape: list[int], dtype: str):
+        self.file, self.start, self.shape = file, start, torch.Size(shape)
+        self.dtype = SAFETENSORS_DTYPES.get(dtype, torch.uint8)  # not a float: refused by the caller
+
+    @staticmethod
+    def header(file: Path) -> tuple[dict, int]:
+        """(the JSON header, where the tensor bytes begin)."""
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return json.loads(f.read(n)), 8 + n
+
+    def size(self, dim: int) -> int:
+        return self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:  # (r, D); clipped at the end, as tensor slicing is
+        first, last = rows.start, min(rows.stop, self.shape[0])
+        row_bytes = self.shape[1] * self.dtype.itemsize
+        block = torch.empty((last - first) * row_bytes, dtype=torch.uint8)  # the file's bytes land here directly
+        view, done = memoryview(block.numpy()), 0
+        with open(self.file, "rb", buffering=0) as f:
+            f.seek(self.start + first * row_bytes)
+            while done < len(view) and (n := f.readinto(view[done:])):
+                done += n
+        if done < len(view):
+            raise ValueError(f"{self.file} ends inside a tensor: it is truncated")
+        return block.view(self.dtype).view(last - first, self.shape[1])
+
+
+def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
+    """(name, tensor) for every tensor of a checkpoint, one at a time. Without mmap a safetensors
+    tensor is read (pread) only when its turn comes, so a caller that converts each one and drops it
+    (load_model's int8 path) never holds more than one float tensor; with rows=True every 2-D one
+    comes as Rows, read in blocks of rows by whoever uses it."""
+    from safetensors import SafetensorError, safe_open
+    _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
+    files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
+    for f in files:
+        if not (ckpt / f).is_file():
+            raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
+    for f in files:
+        if not f.endswith(".safetensors"):
+            state = read_bin(ckpt / f, mmap)
+            for name in list(state):
+                yield name, state.pop(name)
+            continue
+        try:
+            with safe_open(ckpt / f, framework="pt", backend="pread") as tensors:  # it checks the header and size
+                if mmap:
+                    yield from mapped_tensors(ckpt / f)
+                    continue
+                header, begin = Rows.header(ckpt / f) if rows else ({}, 0)
+                for name in list(tensors.keys()):
+                    info = header.get(name, {})
+                    if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
+                        yield name, Rows(ckpt / f, begin + info["data_offsets"][0], info["shape"], info["dtype"])
+                    else:
+                        yield name, tensors.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+
+
+_RETURNING = 0  # how many returning_freed_memory blocks are open (they nest: generate.load wraps load_model)
+
+
+@contextmanager
+def returning_freed_memory():
+    """Inside the block, glibc's malloc gives every large freed block straight back to the system
+    (Linux; elsewhere nothing happens). Loading without mmap allocates a float tensor, converts it
+    (int8, or oneDNN's packed copy) and frees it, hundreds of times. By default glibc raises its mmap
+    threshold to the size of the largest block freed so far (up to 32 MB), after which such blocks
+    come from the heap, where freed ones between live ones are kept, not returned: measured at
+    pegasus-xsum shape, the int8 load then ended at 1.75 GB resident instead of 0.85 GB. A fixed
+    threshold (M_MMAP_THRESHOLD, option -3) of 1 MB gives each large tensor its own mapping,
+    released when it is freed.
+
+    After the block the thresholds go to the ceilings glibc's own rule reaches (mmap 32 MB, trim
+    64 MB; a fixed setting cannot be undone): left at 1 MB, every activation over 1 MB that
+    decoding allocates would be a fresh mapping, zero-filled a page at a time (measured on this
+    project's AVX2 EPYC, 2 threads: the PEGASUS-X encoder at 4,096 tokens in int8, ~6.1 s -> ~5.2 s)."""
+    import ctypes
+    global _RETURNING
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
+        mallopt = lambda option, value: None  # noqa: E731
+    if _RETURNING == 0:
+        mallopt(-3, 1 << 20)
+    _RETURNING += 1
+    try:
+        yield
+    finally:
+        _RETURNING -= 1
+        if _RETURNING == 0:
+            mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
