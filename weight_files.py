@@ -47,7 +47,7 @@ def read_tensors(ckpt: Path, mmap: bool = True) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(ckpt, mmap))
 
 
-# safetensors' dtype names; the rest (float8, unsigned ints) are read as bytes and refused as "not a float".
+# safetensors' dtype names; the rest (float8, wider unsigned ints) are read as bytes, refused as "not a float".
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
