@@ -67,8 +67,6 @@ def read_config(ckpt: Path):
             raise ValueError(f"missing required field(s) {', '.join(missing)}")
         cls, config_cls = model_class(raw.get("model_type"))
         config = config_cls.from_dict(raw)
-        with torch.device("meta"):  # the model's own checks (e.g. PEGASUS-X block sizes), at no cost
-            cls(config)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
     return cls, config, raw
@@ -102,6 +100,13 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         config = replace(config, position_formula="original", zero_first_decoder_input=config.model_type == "pegasus")
     generation = generation_config(ckpt, raw)
     cls.check_dtype(dtype)  # PEGASUS-X refuses float16 (see pegasus_x.py)
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        try:
+            model = cls(config)  # the model's own checks too (e.g. PEGASUS-X block sizes)
+        except ValueError as e:
+            raise ValueError(f"{ckpt / 'config.json'}: {e}") from None
+        if quantize:
+            quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     tokenizer = None
     if with_tokenizer:  # read before the weights: a mismatch should fail fast
         tokenizer = PegasusTokenizer.from_pretrained(ckpt, newline_to_n=original)
@@ -109,10 +114,6 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             raise ValueError(f"tokenizer in {ckpt} has {tokenizer.vocab_size} ids but the model expects "
                              f"{config.vocab_size}: they are not from the same checkpoint")
 
-    with torch.device("meta"):  # shapes only: no memory, no random init
-        model = cls(config)
-        if quantize:
-            quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     expected = model.state_dict()  # names and shapes (meta tensors)
     with returning_freed_memory() if quantize or not mmap else nullcontext():
         state, copies = {}, {}

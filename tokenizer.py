@@ -40,7 +40,7 @@ class PegasusTokenizer:
         self.newline_id = OFFSET + sp.piece_to_id("<n>")  # 106
         # id -> token string for decoding, in the reference's order: the 105 special strings, then
         # SentencePiece's pieces from its <unk> on (its <pad>, </s> already are ids 0 and 1).
-        self.id_to_token = SPECIAL_TOKENS + [sp.id_to_piece(i) for i in range(2, sp.get_piece_size())]
+        self.id_to_token = SPECIAL_TOKENS + sp.id_to_piece(list(range(2, sp.get_piece_size())))
         if newline_to_n:
             self.id_to_token[self.newline_id] = "\n"
         # Special strings are cut out before SentencePiece sees the text, as in the reference (which
