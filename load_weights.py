@@ -117,8 +117,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     expected = model.state_dict()  # names and shapes (meta tensors)
     with returning_freed_memory() if quantize or not mmap else nullcontext():
         state, copies = {}, {}
-        # int8: each matrix read in blocks of rows (Rows) and quantized at once: a mapped one would be resident
-        # whole while it is quantized (394 MB for the embedding table at pegasus-xsum shape)
+        # int8: each matrix read by blocks of rows (Rows) and quantized: mapped, it would be resident whole meanwhile
         for key, t in iter_tensors(ckpt, mmap and not quantize, rows=bool(quantize)):
             int8 = quantize and (key in TIED or expected.get(key.removeprefix("model."), t).dtype == torch.int8)
             if isinstance(t, Rows) and not int8:  # only quantize_weight reads by rows
