@@ -51,8 +51,8 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     load_weights.load_model (the TF positions and "<n>" newlines)."""
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize)
     if key not in _LOADED:
-        # Memory-mapped: use_onednn packs each weight straight from the page cache, and the mapped pages
-        # of each one are let go as it is replaced (weight_files.mapped_tensors).
+        # Mapped: use_onednn packs from the page cache, each weight's pages let go as it is replaced; what the
+        # heap frees meanwhile (a packed bfloat16 copy, int8 blocks) goes back to the system (the policy below).
         with returning_freed_memory():
             model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, revision=revision,
                                           original=original, quantize=quantize)
