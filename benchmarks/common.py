@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
 
-IMPLS = ("ours", "ours+onednn", "ours+int8")  # this project's variants; each benchmark adds the reference (and others)
+IMPLS = ("ours", "ours+onednn", "ours+int8", "ours+bf16")  # this project's variants; each benchmark adds the reference (and others)
 
 
 def spawn(module: str, **kwargs) -> dict:
@@ -50,15 +50,17 @@ def serve(worker) -> None:
 
 def load_ours(impl: str, checkpoint):
     """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights), "ours+onednn"
-    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax) or
-    "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's kernels, the full argmax)."""
+    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax),
+    "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's kernels, the full argmax) or
+    "ours+bf16" (what --dtype bfloat16 runs on CPU: bfloat16 weights packed for oneDNN where the CPU
+    has bfloat16 kernels, and the screened greedy argmax)."""
     from load_weights import load_model
     from onednn import screened_argmax, use_onednn
 
     if impl == "ours+int8":
         return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8")[0], None
-    model, _ = load_model(checkpoint, with_tokenizer=False)  # memory-mapped
-    if impl == "ours+onednn":
+    model, _ = load_model(checkpoint, with_tokenizer=False, dtype="bfloat16" if impl == "ours+bf16" else "float32")
+    if impl in ("ours+onednn", "ours+bf16"):
         return use_onednn(model), screened_argmax(model)
     return model, None
 

@@ -139,6 +139,8 @@ def main():
     p.add_argument("--long", type=int, nargs="+", metavar="TOKENS",
                    help="long-input mode: google/pegasus-x-base shape at these input lengths (long_inputs.py)")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per text (%(default)s)")
+    p.add_argument("--impls", nargs="+", choices=["transformers", *IMPLS, *CT2_IMPLS],
+                   help="implementations to run (default: all; the ratios need transformers and CTranslate2)")
     p.add_argument("--first-summary", action="store_true",
                    help="also time the first summary (whole process: the CLI vs transformers; first_summary.py)")
     args = p.parse_args()
@@ -153,9 +155,10 @@ def main():
     impls = ["transformers", *IMPLS]
     try:
         import ctranslate2  # noqa: F401
-        impls += ["ctranslate2", "ctranslate2-int8"]
+        impls += CT2_IMPLS
     except ImportError:
         print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
+    impls = [i for i in impls if i in (args.impls or impls)]
     print(f"CPU: {cpu_model()}; {args.threads} threads; load average before: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
@@ -172,7 +175,7 @@ def main():
                                                 new_tokens=args.new_tokens))
                     except RuntimeError as e:
                         print(f"{case:<10} {impl:<17} failed: {e}")
-            ref = median(runs["transformers"])
+            ref = median(runs.get("transformers", []))
             for impl in [i for i in impls if runs[i]]:
                 res = median(runs[impl])
                 n_tokens = sum(len(row) - 1 for row in res["ids"])  # generated, over the batch
@@ -190,8 +193,11 @@ def main():
     print(f"load average after: {load_average()}")
 
 
-# ours vs CTranslate2 at the same precision: the "vs CT2" column
-CT2_PEER = {"ours": "ctranslate2", "ours+onednn": "ctranslate2", "ours+int8": "ctranslate2-int8"}
+# ours vs CTranslate2 at the same precision: the "vs CT2" column. CTranslate2 has no bfloat16 on
+# CPU (get_supported_compute_types("cpu"): int8, int8_float32, float32), so bfloat16 is set against its float32.
+CT2_IMPLS = ["ctranslate2", "ctranslate2-int8"]
+CT2_PEER = {"ours": "ctranslate2", "ours+onednn": "ctranslate2", "ours+int8": "ctranslate2-int8",
+            "ours+bf16": "ctranslate2"}
 
 
 def cpu_model() -> str:
