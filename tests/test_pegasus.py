@@ -161,6 +161,26 @@ def test_bfloat16_load_runs(tmp_path, spiece_model):
         assert torch.isfinite(model(ids, mask, dec).float()).all()
 
 
+def test_bfloat16_load_converts_by_rows_to_the_same_values(tmp_path, spiece_model, monkeypatch):
+    """A float32 checkpoint loaded as bfloat16 is read a block of rows at a time (weight_files.Rows.to),
+    never memory-mapped (a mapped matrix would be resident whole beside its converted copy), and gives
+    exactly the values that converting the float32 model gives."""
+    import weight_files
+    path = save_reference(reference_model(TINY), tmp_path, spiece_model)
+    exact = {k: v.to(torch.bfloat16) for k, v in load_model(path, with_tokenizer=False)[0].state_dict().items()}
+    monkeypatch.setattr(weight_files, "mapped_tensors", None)  # calling it would fail the load
+    model, _ = load_model(path, dtype="bfloat16", with_tokenizer=False)
+    state = model.state_dict()
+    assert list(state) == list(exact) and all(torch.equal(state[k], exact[k]) for k in state)
+    # Blocks of 512 KB: 300 rows of 1,000 floats are three blocks, the last one short.
+    from safetensors.torch import save_file
+    w = torch.randn(300, 1000)
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    header, begin = weight_files.Rows.header(tmp_path / "w.safetensors")
+    rows = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 1000], "F32")
+    assert torch.equal(rows.to(torch.bfloat16), w.to(torch.bfloat16)) and torch.equal(rows.to(torch.float32), w)
+
+
 def test_generation_defaults_come_from_the_checkpoint(tmp_path, spiece_model):
     path = save_reference(reference_model(TINY), tmp_path, spiece_model)
     (path / "generation_config.json").write_text(json.dumps({"num_beams": 8, "length_penalty": 0.6, "max_length": 64}))
