@@ -224,6 +224,18 @@ def test_onednn_matmuls_give_the_same_tokens(toy, batch):
                            generate(model, *batch, max_new_tokens=14, **kw))
 
 
+def test_bfloat16_screened_argmax_gives_the_models_own_tokens(toy, batch):
+    """What --dtype bfloat16 runs on CPU, greedy: packed bfloat16 matmuls (where the CPU has them) and
+    the screened argmax, which must pick the bfloat16 model's own argmax, ties included."""
+    model, _ = toy
+    bf16 = use_onednn(copy.deepcopy(model).to(torch.bfloat16))
+    argmax = screened_argmax(bf16)
+    if argmax is None:
+        pytest.skip("this PyTorch build has no int8 weight kernel")
+    assert torch.equal(generate(bf16, *batch, max_new_tokens=14, argmax=argmax),
+                       generate(bf16, *batch, max_new_tokens=14))
+
+
 def test_converted_model_registers_its_tensors_and_refuses_to_save_or_move(toy, tmp_path):
     """use_onednn swaps modules, patches nothing: state_dict keeps every name; what cannot work says so in one line."""
     from load_weights import save_model

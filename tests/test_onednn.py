@@ -114,3 +114,24 @@ def test_near_ties_are_resolved_exactly():
     y, _ = head.approximate(h)
     assert (y.argmax(-1) != full).sum() > 100  # the approximation alone picks the wrong twin
     assert torch.equal(head(h, lambda s: s), full)
+
+
+def test_bfloat16_logits_with_their_ties():
+    """A bfloat16 model's logits are rounded to bfloat16 (8 significant bits), so the best score is often
+    shared by several tokens: the screened argmax must return the model's own argmax, the lowest tied
+    id, not the token whose unrounded score is highest."""
+    V, D = 20000, 256
+    g = torch.Generator().manual_seed(4)
+    E = (torch.randn(V, D, generator=g) * 0.05).bfloat16()  # rows of one size: close top scores
+    bias = (torch.randn(V, generator=g) * 0.1).bfloat16()
+    logits = lambda h: (h @ E.T) + bias  # as Pegasus.logits computes them in bfloat16  # noqa: E731
+    head = ScreenedArgmax(E, bias, logits)
+    h = torch.randn(2048, D, generator=g).bfloat16()
+    full = logits(h).float()
+    unrounded = (h.float() @ E.float().T + bias.float()).argmax(-1)
+    assert (unrounded != full.argmax(-1)).sum() > 5, "no rounding ties: the test would not test them"
+    # 8 rows a call, as greedy decoding's batches: all 2,048 at once would have too many candidates in
+    # all and take the fallback (the full logits).
+    assert torch.equal(torch.cat([head(rows, lambda s: s) for rows in h.split(8)]), full.argmax(-1))
+    y, bound = head.approximate(h)
+    assert (bound - (full - y).abs()).min() >= 0  # the bound holds for the rounded logits themselves
