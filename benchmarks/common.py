@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
 
-IMPLS = ("ours", "ours+onednn", "ours+int8", "ours+bf16")  # this project's variants; each benchmark adds the reference (and others)
+# this project's variants; each benchmark adds the reference (and others)
+IMPLS = ("ours", "ours+onednn", "ours+int8", "ours+bf16")
 
 
 def spawn(module: str, **kwargs) -> dict:
