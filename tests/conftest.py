@@ -77,3 +77,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def toy_pegasus():
+    """PEGASUS at toy.py's TOY shape, trained on the toy task (800 steps, seed 0; ~20 s on one core), once
+    for the modules that compare it with a lower-precision twin (test_quantize, test_bfloat16). Shared:
+    tests must not change it (twins are deep copies)."""
+    import torch
+    from toy import TOY, train_toy
+
+    from pegasus import Pegasus, PegasusConfig
+
+    torch.manual_seed(0)
+    return train_toy(Pegasus(PegasusConfig(**TOY)), seed=0)

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from toy import TOY as TOY_FIELDS
-from toy import pad_batch, toy_batch, toy_inputs, train_toy
+from toy import pad_batch, toy_batch, toy_inputs
 
 import quantize
 from generate import generate
@@ -218,10 +218,8 @@ def test_random_model_bounds_catch_per_tensor_scales(kind, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def toy():
-    torch.manual_seed(0)
-    model = train_toy(Pegasus(TOY), seed=0)
-    return model, int8_twin(model)
+def toy(toy_pegasus):  # conftest.py: trained once, shared with test_bfloat16
+    return toy_pegasus, int8_twin(toy_pegasus)
 
 
 def test_toy_model_teacher_forced(toy):
