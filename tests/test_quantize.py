@@ -196,10 +196,14 @@ def random_batch():
     return ids, mask, torch.randint(2, 512, (2, 12), generator=g)
 
 
-# measured (pegasus / pegasus_x): max 0.17 / 0.16, mean 0.031 / 0.034, top-1 0.92 / 0.96 (24 positions).
-# With one scale per matrix (quantize.quantize_weight replaced by per_tensor): max 0.26 / 0.23, mean
-# 0.053 / 0.048; truncating: mean 0.037 / 0.040 (not caught here; the layer test catches it).
-RANDOM_MAX, RANDOM_MEAN, RANDOM_TOP1 = 0.25, 0.042, 0.85
+# The activations' quantization is most of the error, and it depends on the CPU: 7 bits without VNNI
+# (reduce_range, see quantize.py), 8 bits with it. Measured (pegasus / pegasus_x), 7 bits (AVX2 EPYC): max
+# 0.17 / 0.16, mean 0.031 / 0.034, top-1 0.92 / 0.96 (24 positions); with one scale per matrix (quantize_weight
+# replaced by per_tensor): max 0.26 / 0.23, mean 0.053 / 0.048; truncating: mean 0.037 / 0.040 (not caught
+# here; the layer test catches it). 8 bits (Zen 4, AVX512-VNNI): max 0.107 / 0.130, mean 0.0196 / 0.0238,
+# top-1 0.96 / 0.96; per_tensor: max 0.228 / 0.186, mean 0.0454 / 0.0406, which the 7-bit bounds would pass.
+SEVEN_BITS = quantize.fbgemm_available() and quantize.fbgemm_reduce_range()
+RANDOM_MAX, RANDOM_MEAN, RANDOM_TOP1 = (0.25, 0.042, 0.85) if SEVEN_BITS else (0.17, 0.030, 0.85)
 
 
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
