@@ -4,7 +4,7 @@ checkpoint (already in the page cache: every run reads it once before timing) an
 
     python -m benchmarks.first_summary --checkpoint DIR [--threads 2] [--rounds 3]
 
-"ours" is the CLI (`python generate.py --file article.txt`), float32 and --quantize int8; the
+"ours" is the CLI (`python generate.py --file article.txt`): float32, --quantize int8 and --dtype bfloat16; the
 reference is the same job written with transformers (tokenizer, from_pretrained, generate, decode).
 Wall-clock time and peak resident memory (VmHWM) of each process are printed.
 """
@@ -45,7 +45,8 @@ def commands(ckpt: Path, article: Path, reference: Path) -> dict[str, list[str]]
     run = [sys.executable, "-c", WRAPPER, str(ROOT)]
     cli = [*run, str(ROOT / "generate.py"), "--model", str(ckpt), "--file", str(article)]
     return {"transformers": [*run, str(reference), str(ckpt), str(article)],
-            "ours fp32 (CLI)": cli, "ours int8 (CLI)": [*cli, "--quantize", "int8"]}
+            "ours fp32 (CLI)": cli, "ours int8 (CLI)": [*cli, "--quantize", "int8"],
+            "ours bf16 (CLI)": [*cli, "--dtype", "bfloat16"]}
 
 
 def run(cmd: list[str], threads: int) -> tuple[float, float, str]:
