@@ -115,9 +115,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
                              f"{config.vocab_size}: they are not from the same checkpoint")
 
     expected = model.state_dict()  # names and shapes (meta tensors)
-    # int8, or a dtype other than float32 (the usual stored one): each matrix is read by blocks of rows (Rows) and
-    # converted, as a mapped one would be resident whole beside its converted copy meanwhile
-    by_rows = bool(quantize) or dtype != torch.float32
+    by_rows = bool(quantize) or dtype != torch.float32  # int8 or converted: mapped, a matrix stays resident whole
     with returning_freed_memory() if by_rows or not mmap else nullcontext():
         state, copies = {}, {}
         for key, t in iter_tensors(ckpt, mmap and not by_rows, rows=by_rows):
@@ -125,7 +123,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
                 raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
                                  f"type: this is not a weight this model can use")
-            if isinstance(t, Rows) and not int8:  # quantize_weight reads by rows itself
+            if isinstance(t, Rows) and not int8:  # converted a block of rows at a time (quantize_weight reads its own)
                 t = t.to(dtype)
             if key in TIED or key in POSITIONS:
                 copies[key] = quantize_weight(t) if int8 else t  # derived tensors: checked below, never loaded
