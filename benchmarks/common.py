@@ -57,12 +57,14 @@ def load_ours(impl: str, checkpoint):
     has bfloat16 kernels, and the screened greedy argmax)."""
     from load_weights import load_model
     from onednn import screened_argmax, use_onednn
+    from weight_files import returning_freed_memory
 
     if impl == "ours+int8":
         return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8")[0], None
-    model, _ = load_model(checkpoint, with_tokenizer=False, dtype="bfloat16" if impl == "ours+bf16" else "float32")
-    if impl in ("ours+onednn", "ours+bf16"):
-        return use_onednn(model), screened_argmax(model)
+    with returning_freed_memory():  # the allocator policy generate.load loads and packs under
+        model, _ = load_model(checkpoint, with_tokenizer=False, dtype="bfloat16" if impl == "ours+bf16" else "float32")
+        if impl in ("ours+onednn", "ours+bf16"):
+            return use_onednn(model), screened_argmax(model)
     return model, None
 
 
