@@ -173,6 +173,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
             pack_all(model)
     model.generation_config = generation
+    model.encode_each |= dtype != torch.float32 and torch.device(device).type == "cpu"  # bf16/fp16: decoding.encode
     return model.eval(), tokenizer
 
 

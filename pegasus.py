@@ -199,8 +199,9 @@ class KVCache:
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)  # (B, H, L, Dh)
-        self.v = torch.zeros_like(self.k)
+        # Not zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4 documents)
+        self.k = torch.empty(batch, heads, max_len, head_dim, dtype=dtype, device=device)  # (B, H, L, Dh)
+        self.v = torch.empty_like(self.k)
         self.length = 0  # slots filled, set by DecoderCache.advance before each step
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -274,7 +275,7 @@ class Attention(nn.Module):
         if kv is None:
             k, v = self.project_kv(x)  # (B, H, T, Dh)
             if cache is not None:
-                k, v = cache.update(input_pos, k, v)  # (B, H, n, Dh): the n filled slots
+                k, v = cache.update(input_pos, k.to(cache.k.dtype), v.to(cache.k.dtype))  # (B, H, n, Dh): filled slots
         else:
             k, v = kv
         # Beam search runs B = n_src * n_beams hypotheses against n_src encoder outputs. Rather
@@ -284,7 +285,8 @@ class Attention(nn.Module):
         if group > 1:
             q = q.view(k.size(0), group, self.n_heads, T, self.head_dim).transpose(1, 2)  # (Bs, H, G, T, Dh)
             q = q.reshape(k.size(0), self.n_heads, group * T, self.head_dim)  # (Bs, H, G*T, Dh)
-        out, w = self.attend(q, k, v, mask)  # (B', H, T', Dh)
+        out, w = self.attend(q.to(k.dtype), k, v, mask)  # (B', H, T', Dh) (k, v narrower: see DecoderCache)
+        out = out.to(x.dtype)
         self.weights = w if self.keep_weights else None
         if group > 1:
             out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
@@ -386,15 +388,16 @@ class DecoderCache:
     def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
         cfg = model.config
         layers = model.decoder.layers
+        kv_dtype = model.kv_dtype or model.dtype
         self.cross_kv = None  # decoder-only use has no source
         if encoder_out is not None:
             # (Bs, H, S, Dh) each, made contiguous once: every decoding step reads all of them
-            self.cross_kv = [tuple(t.contiguous() for t in layer.encoder_attn.project_kv(encoder_out))
+            self.cross_kv = [tuple(t.to(kv_dtype).contiguous() for t in layer.encoder_attn.project_kv(encoder_out))
                              for layer in layers]
         self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
-        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, model.dtype, model.device) for _ in layers]
-        self.spare = KVCache(n_hyps, H, max_len, Dh, model.dtype, model.device)  # reorder writes here
+        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, kv_dtype, model.device) for _ in layers]
+        self.spare = KVCache(n_hyps, H, max_len, Dh, kv_dtype, model.device)  # reorder writes here
         self.max_len = max_len
 
     def advance(self, input_pos: torch.Tensor) -> int:
@@ -458,6 +461,10 @@ class Pegasus(nn.Module):
         self.register_buffer("final_logits_bias", torch.zeros(1, cfg.vocab_size) if self.logits_bias else None)
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
+        # Liberties decoding may take with reduced precision, never with the float32 default (the reference's
+        # arithmetic, bit for bit). quantize_model sets both on CPU; load_model(dtype=bfloat16) encode_each.
+        self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
+        self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
         self.init_buffers()
         if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
             self.apply(self._init_weights)

@@ -42,8 +42,11 @@ def to_bfloat16(model):
 
 
 def bf16_twin(model, convert=to_bfloat16):
-    """A bfloat16 copy of `model` as `--dtype bfloat16` runs it on CPU (see the module docstring)."""
-    return use_onednn(convert(copy.deepcopy(model)).eval())
+    """A bfloat16 copy of `model` as `--dtype bfloat16` runs it on CPU (see the module docstring), which
+    decodes encoding each document alone (load_model sets encode_each; decoding.encode)."""
+    twin = use_onednn(convert(copy.deepcopy(model)).eval())
+    twin.encode_each = True
+    return twin
 
 
 def within(figures, bounds) -> bool:

@@ -189,6 +189,7 @@ class ScriptedLM:
         self.config = SimpleNamespace(max_position_embeddings=64, eos_token_id=1, pad_token_id=0,
                                       decoder_start_token_id=0, forced_eos_token_id=forced_eos)
         self.generation_config = {}
+        self.encode_each = False  # decoding.encode: the batch as one
 
     def encode(self, input_ids, attention_mask=None):
         return torch.zeros(input_ids.size(0), 1, 1)
