@@ -388,7 +388,10 @@ class DecoderCache:
     def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
         cfg = model.config
         layers = model.decoder.layers
-        kv_dtype = model.kv_dtype or model.dtype
+        # Narrower keys/values (model.kv_dtype) pay where several hypotheses read each source (beam search):
+        # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster.
+        shared = encoder_out is not None and n_hyps > encoder_out.size(0)
+        kv_dtype = model.kv_dtype if model.kv_dtype is not None and shared else model.dtype
         self.cross_kv = None  # decoder-only use has no source
         if encoder_out is not None:
             # (Bs, H, S, Dh) each, made contiguous once: every decoding step reads all of them

@@ -234,10 +234,13 @@ def test_random_model_bounds_catch_per_tensor_scales(kind, monkeypatch):
 
 def decoding_logits(model, ids, mask, dec):
     """Teacher-forced logits through decoding's own path: decoding.encode and the decoder cache (every
-    decoder position in one cached step)."""
+    decoder position in one cached step), with two hypotheses per source as beam search runs them (one
+    per source keeps float32 keys/values: DecoderCache)."""
     with torch.no_grad():
-        cache = model.new_cache(encode(model, ids, mask), mask, ids.size(0), dec.size(1))
-        return model.logits(model.decode(dec, cache=cache, input_pos=torch.arange(dec.size(1))))
+        cache = model.new_cache(encode(model, ids, mask), mask, 2 * ids.size(0), dec.size(1))
+        h = model.decode(dec.repeat_interleave(2, 0), cache=cache, input_pos=torch.arange(dec.size(1)))
+        assert cache.self_kv[0].k.dtype == (model.kv_dtype or model.dtype)
+        return model.logits(h[::2])  # (B, T, V): each source's first hypothesis
 
 
 def test_quantize_model_takes_decodings_liberties():
