@@ -372,18 +372,14 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     if not model.encode_each or attention_mask is None or input_ids.size(0) == 1:
         return model.encode(input_ids, attention_mask)
     lengths = attention_mask.sum(1)  # (B,)
-    if not bool((attention_mask.bool() == padding_prefix(lengths, input_ids.size(1))).all()):  # not right-padded
+    prefix = torch.arange(input_ids.size(1), device=lengths.device) < lengths[:, None]  # (B, S) right padding
+    if not bool((attention_mask.bool() == prefix).all()):  # left-padded: positions would shift; as the reference
         return model.encode(input_ids, attention_mask)
     out = torch.zeros(*input_ids.shape, model.config.d_model, dtype=model.dtype, device=input_ids.device)  # (B, S, D)
     for i, n in enumerate(lengths.tolist()):
         if n:  # (an empty document has no states to compute)
             out[i, :n] = model.encode(input_ids[i: i + 1, :n])[0]  # (n, D)
     return out
-
-
-def padding_prefix(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(B,) lengths -> (B, width) True on each row's first lengths[i] positions."""
-    return torch.arange(width, device=lengths.device) < lengths[:, None]
 
 
 def hidden_states(model, seqs, t: int, cache, encoder_out, attention_mask, positions) -> torch.Tensor:

@@ -89,7 +89,8 @@ def test_loaded_int8_model_generates_the_float_ids(toy, kw):
     ids, mask = toy_inputs(48, TOY)
     ref, out = decode(model, ids, mask, max_new_tokens=14, **kw), decode(loaded, ids, mask, max_new_tokens=14, **kw)
     same = int((ref == out).all(1).sum()) if ref.shape == out.shape else 0
-    assert same >= 45, same  # measured: 48 of 48 greedy, 46 of 48 with beam 4 (as tests/test_quantize.py)
+    # measured before decoding's liberties: 48 and 46 of 48 (tests/test_quantize.py: now 47 and 47)
+    assert same >= 45, same
 
 
 def test_int8_model_saves_as_float_and_reloads(toy, tmp_path):

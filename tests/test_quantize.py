@@ -300,7 +300,8 @@ def test_toy_model_generates_the_same_ids(toy, kw):
     ids, mask = toy_inputs(48, TOY)
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
     same = int((ref == out).all(1).sum()) if ref.shape == out.shape else 0
-    assert same >= 45, same  # measured: 48 of 48 greedy, 46 of 48 with beam 4
+    # measured (Zen 4, with decoding's liberties): 47 of 48 greedy, 47 with beam 4 (48 and 46 without them)
+    assert same >= 45, same
 
 
 # ----------------------------------------------------------------------------- the seam
