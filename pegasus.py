@@ -205,8 +205,8 @@ class KVCache:
         self.length = 0  # slots filled, set by DecoderCache.advance before each step
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)  # write (B, H, T, Dh) at positions input_pos
-        self.v.index_copy_(2, input_pos, v)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # write (B, H, T, Dh) at input_pos, in the cache's dtype
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, H, length, Dh)
 
     def reorder(self, idx: torch.Tensor, spare: "KVCache"):
@@ -275,7 +275,7 @@ class Attention(nn.Module):
         if kv is None:
             k, v = self.project_kv(x)  # (B, H, T, Dh)
             if cache is not None:
-                k, v = cache.update(input_pos, k.to(cache.k.dtype), v.to(cache.k.dtype))  # (B, H, n, Dh): filled slots
+                k, v = cache.update(input_pos, k, v)  # (B, H, n, Dh): the n filled slots
         else:
             k, v = kv
         # Beam search runs B = n_src * n_beams hypotheses against n_src encoder outputs. Rather
@@ -465,7 +465,7 @@ class Pegasus(nn.Module):
         self.generation_config: dict = {}  # the checkpoint's decoding defaults; filled by load_weights.py
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         # Liberties decoding may take with reduced precision, never with the float32 default (the reference's
-        # arithmetic, bit for bit). quantize_model sets both on CPU; load_model(dtype=bfloat16) encode_each.
+        # arithmetic, bit for bit). Set by quantize_model (kv_dtype where oneDNN has bf16) and load_model(bf16 on CPU).
         self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
         self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
         self.init_buffers()

@@ -124,9 +124,10 @@ class Rows:
         (0.33 GB at pegasus-xsum shape, 1.70 GB in all where the tensors and runtime make 1.37)."""
         first, last = rows.start, min(rows.stop, self.shape[0])
         row_bytes = self.shape[1] * self.dtype.itemsize
-        if _READS.buffer.numel() < (last - first) * row_bytes:
-            _READS.buffer = torch.empty((last - first) * row_bytes, dtype=torch.uint8)
-        block = _READS.buffer[: (last - first) * row_bytes]  # the file's bytes land here directly
+        size = (last - first) * row_bytes
+        if _READS.buffer.numel() < size:
+            _READS.buffer = torch.empty(size, dtype=torch.uint8)
+        block = _READS.buffer[:size]  # the file's bytes land here directly
         view, done = memoryview(block.numpy()), 0
         with open(self.file, "rb", buffering=0) as f:
             f.seek(self.start + first * row_bytes)
@@ -141,8 +142,8 @@ class Rows:
         """The whole matrix in `dtype`, converted a block of rows (512 KB) at a time: a float32 matrix
         loaded as bfloat16 is never in memory whole as float32 (memory-mapped, the 394 MB table at
         pegasus-xsum shape would be resident beside its converted copy while converting: bfloat16
-        load peaked at 1.69 GB instead of 1.33). Blocks under returning_freed_memory's 1 MB threshold
-        come from the heap and are reused; 4 MB blocks, each a fresh mapping, took 2.4 s, not 1.2 s."""
+        load peaked at 1.69 GB instead of 1.33). Each block is read into the same buffer (__getitem__);
+        4 MB blocks, each a fresh mapping, took 2.4 s, not 1.2 s."""
         out = torch.empty(self.shape, dtype=dtype)
         step = max(1, (512 << 10) // (self.shape[1] * self.dtype.itemsize))  # rows per block
         for i in range(0, self.shape[0], step):
