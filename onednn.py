@@ -30,10 +30,19 @@ import torch
 
 from pegasus import TiedEmbedding
 
-# Rows the packed layout is chosen for. oneDNN picks a weight layout per expected batch: for 1 row
-# it keeps a GEMV-friendly layout that streams ~1.4x slower than the blocked one it picks from ~4
-# rows up. 64 gives the blocked layout, which measured fastest for 1, 8, 32 and 505 rows alike, and
-# a row's result does not depend on how many rows come with it.
+# Rows the packed layout is chosen for. oneDNN picks a weight layout per expected batch: a GEMV-friendly
+# one for 1 row, a blocked one from ~2 rows up. 64 gives the blocked layout, and a row's result does
+# not depend on how many rows come with it. Measured over the 16 decoder layers' matmuls (0.94 GB of
+# float32, each weight read once, as in a decoding step; 2 threads, AMD EPYC Zen 4), milliseconds:
+#
+#     layout for     1 row    8 rows    32 rows    505 rows
+#     1 row           30.5      62        115        1265
+#     64 rows         36        35         82        1133
+#
+# The blocked layout is the right one everywhere except a decoding step with ONE hypothesis in flight
+# (greedy or sampling, one document): there the GEMV layout streams at 31 GB/s instead of 26, 5.5 ms
+# per step, ~8% of a greedy summary. use_onednn(step_rows=1) packs the decoder's per-step matmuls so.
+# (bfloat16 weights measured the same in both layouts: 19 ms at 1 row, 20-21 at 8.)
 PACK_ROWS = 64
 
 
@@ -56,9 +65,10 @@ class OneDNNLinear(Packed, torch.nn.Module):
     it gives the same tokens. `weight` and `bias` are registered buffers (inference only: no
     gradients), so state_dict has the nn.Linear's names."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = PACK_ROWS):
         super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))  # opaque
+        self.rows = rows  # the rows per call the layout was chosen for (see PACK_ROWS)
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))  # opaque
         self.register_buffer("bias", None if bias is None else bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out), ordinary tensors
@@ -92,11 +102,16 @@ class PackedTiedEmbedding(Packed, TiedEmbedding):
         return torch.ops.mkldnn._linear_pointwise(h.contiguous(), self.packed, None, "none", [], "")  # (..., V)
 
 
-def use_onednn(model):
+def use_onednn(model, step_rows: int | None = None):
     """Inference only, on CPU: every nn.Linear and the tied output projection run through oneDNN.
     float32 always; bfloat16 where the CPU has fast bfloat16 kernels (bf16_supported; oneDNN then
     accumulates in float32 and rounds each output to bfloat16, as PyTorch's own bfloat16 matmul).
     Returns the model, changed in place (a no-op where oneDNN or the dtype's kernels are unavailable).
+
+    step_rows: the hypotheses each decoding step will run, where the caller knows it (the CLI). With 1,
+    the decoder's per-step matmuls are packed for one row (PACK_ROWS has the measurements); the
+    encoder's, and cross-attention's keys/values (computed once, from every source position), stay
+    blocked. Such a model still decodes anything, only beam search and batches more slowly.
 
     Packing is mostly writing fresh memory (page faults), which one thread does at a time per call:
     torch.get_num_threads() weights are packed at once (the op releases Python's lock). Measured at
@@ -110,7 +125,9 @@ def use_onednn(model):
         owner, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner)
         linear = getattr(owner, attr)
-        setattr(owner, attr, OneDNNLinear(linear.weight, linear.bias))  # the old one freed on return
+        per_step = name.startswith("decoder.") and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+        rows = 1 if per_step and step_rows == 1 else PACK_ROWS
+        setattr(owner, attr, OneDNNLinear(linear.weight, linear.bias, rows))  # the old one freed on return
 
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(convert, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]))

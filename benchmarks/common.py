@@ -49,9 +49,10 @@ def serve(worker) -> None:
         sys.exit()
 
 
-def load_ours(impl: str, checkpoint):
+def load_ours(impl: str, checkpoint, step_rows: int | None = None):
     """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights), "ours+onednn"
-    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, and the screened greedy argmax),
+    (what the CLI runs for float32 on CPU: packed oneDNN matmuls, for `step_rows` hypotheses per
+    decoding step as generate.load packs them, and the screened greedy argmax),
     "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's kernels, the full argmax) or
     "ours+bf16" (what --dtype bfloat16 runs on CPU: bfloat16 weights packed for oneDNN where the CPU
     has bfloat16 kernels, and the screened greedy argmax)."""
@@ -64,7 +65,7 @@ def load_ours(impl: str, checkpoint):
     with returning_freed_memory():  # the allocator policy generate.load loads and packs under
         model, _ = load_model(checkpoint, with_tokenizer=False, dtype="bfloat16" if impl == "ours+bf16" else "float32")
         if impl in ("ours+onednn", "ours+bf16"):
-            return use_onednn(model), screened_argmax(model)
+            return use_onednn(model, step_rows), screened_argmax(model)
     return model, None
 
 

@@ -40,7 +40,7 @@ def run_one(impl: str, checkpoint: str, length: int, new_tokens: int) -> dict:
     if impl in IMPLS:
         from decoding import generate
 
-        model, argmax = load_ours(impl, checkpoint)
+        model, argmax = load_ours(impl, checkpoint, step_rows=1)  # one document, greedy: as the CLI packs it
         encode = lambda ids, mask: model.encode(ids, mask)
         greedy = lambda ids, mask: generate(model, ids, mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                             num_beams=1, argmax=argmax)

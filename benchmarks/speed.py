@@ -83,7 +83,7 @@ def worker(impl: str, ckpt: str, case: str, threads: int, new_tokens: int = NEW_
     mask = (torch.arange(width)[None, :] < torch.tensor([[len(r)] for r in rows])).long()  # (B, S)
     if impl in IMPLS:
         from decoding import generate
-        model, argmax = load_ours(impl, ckpt)
+        model, argmax = load_ours(impl, ckpt, step_rows=batch * num_beams)  # as the CLI packs for this job
         run = lambda i, m, **kw: generate(model, i, m, argmax=argmax, **kw)
     else:
         import transformers

@@ -97,6 +97,29 @@ def test_errors_are_one_line(checkpoint, tmp_path, args, stdin, status, message)
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, texts, rows", [
+    (["--num-beams", "1"], 1, 1),  # greedy, one document: one hypothesis per step
+    ([], 1, 64),  # the checkpoint's beam 2
+    (["--num-beams", "1"], 2, 64),  # two documents decoded together
+    (["--num-beams", "1", "--batch-size", "1"], 2, 1)])
+def test_the_cli_packs_the_decoder_for_the_decoding_it_runs(monkeypatch, capsys, checkpoint, tmp_path, flags, texts,
+                                                            rows):
+    """float32 on CPU: the decoder's matmuls in oneDNN's one-row layout exactly when every step runs one
+    hypothesis (onednn.PACK_ROWS: faster there, slower for several)."""
+    from onednn import PACK_ROWS, OneDNNLinear
+
+    monkeypatch.setattr(generate, "_LOADED", {})
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"Document {i} about the bridge."}) + "\n" for i in range(texts)))
+    assert generate.main(["--model", str(checkpoint), "--file", str(docs), *flags]) == 0
+    assert capsys.readouterr().out.count(EXPECTED) == texts
+    (model, _), = generate._LOADED.values()
+    if not isinstance(model.decoder.layers[0].fc1, OneDNNLinear):
+        pytest.skip("oneDNN is not available in this PyTorch build")
+    assert model.decoder.layers[0].fc1.rows == (1 if rows == 1 else PACK_ROWS)
+    assert model.encoder.layers[0].fc1.rows == PACK_ROWS
+
+
 def test_summarize_keeps_order_and_truncates(monkeypatch, tokenizer, checkpoint):
     """summarize() sorts texts by length into batches: with decoding replaced by an echo of the
     input, every summary must come back to its own text, long ones cut to the model's positions."""

@@ -14,7 +14,7 @@ from toy import TOY, ScriptedLM, from_reference, pad_batch, run_scripted, texts,
 
 from decoding import DecodingOptions
 from generate import generate
-from onednn import OneDNNLinear, screened_argmax, use_onednn
+from onednn import PACK_ROWS, OneDNNLinear, screened_argmax, use_onednn
 from pegasus import Pegasus, PegasusConfig
 
 TOY = PegasusConfig(**TOY)
@@ -222,6 +222,29 @@ def test_onednn_matmuls_give_the_same_tokens(toy, batch):
     for kw in (dict(num_beams=1), dict(num_beams=8, length_penalty=0.6), dict(num_beams=4, num_return_sequences=4)):
         assert torch.equal(generate(fast, *batch, max_new_tokens=14, **kw, argmax=argmax),
                            generate(model, *batch, max_new_tokens=14, **kw))
+
+
+def test_one_row_packing_is_the_decoders_step_matmuls_and_gives_the_same_tokens(toy, batch):
+    """use_onednn(step_rows=1), what the CLI packs for greedy over one document: the decoder's per-step
+    matmuls in oneDNN's one-row layout; the encoder's and cross-attention's keys/values (run on every
+    source position) blocked. Any decoding still gives the default path's tokens, one row or many."""
+    model, _ = toy
+    fast = use_onednn(copy.deepcopy(model), step_rows=1)
+    if not isinstance(fast.decoder.layers[0].fc1, OneDNNLinear):
+        pytest.skip("oneDNN is not available in this PyTorch build")
+    rows = {name: m.rows for name, m in fast.named_modules() if isinstance(m, OneDNNLinear)}
+    one_row = {n for n, r in rows.items() if r == 1}
+    per_step = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "encoder_attn.q_proj", "encoder_attn.out_proj", "fc1", "fc2")
+    assert one_row == {f"decoder.layers.{i}.{m}" for i in range(len(model.decoder.layers)) for m in per_step}
+    assert set(rows.values()) == {1, PACK_ROWS}  # the encoder's and cross k/v's: blocked
+    assert {m.rows for m in use_onednn(copy.deepcopy(model), step_rows=8).modules()
+            if isinstance(m, OneDNNLinear)} == {PACK_ROWS}
+    argmax = screened_argmax(fast)
+    one = batch[0][:1], batch[1][:1]
+    for ids, kw in ((one, dict(num_beams=1)), (batch, dict(num_beams=1)), (batch, dict(num_beams=4))):
+        assert torch.equal(generate(fast, *ids, max_new_tokens=14, **kw, argmax=argmax),
+                           generate(model, *ids, max_new_tokens=14, **kw))
 
 
 def test_bfloat16_screened_argmax_gives_the_models_own_tokens(toy, batch):
