@@ -36,7 +36,7 @@ __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 
 # ----------------------------------------------------------------------------- summarization
 
-_LOADED = {}  # (name, dtype, device, revision, quantize) -> (model, tokenizer): summarize() loads each once
+_LOADED = {}  # load()'s arguments -> (model, tokenizer): summarize() loads each once
 _ARGMAX = {}  # id(model) -> greedy's screened argmax (onednn.ScreenedArgmax) for the models load() made
 
 
@@ -66,8 +66,9 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
                 if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
                     print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 "
                           "runs slowly here: float32 or --quantize int8 are faster", file=sys.stderr)
-                beams = num_beams or model.generation_config.get("num_beams", 1)
-                model = use_onednn(model, step_rows=None if batch is None else batch * beams)
+                beams = num_beams or model.generation_config.get("num_beams", 1)  # None: the checkpoint's
+                step_rows = None if batch is None else batch * beams
+                model = use_onednn(model, step_rows)
                 _ARGMAX[id(model)] = screened_argmax(model)
         _LOADED[key] = model, tokenizer
     return _LOADED[key]

@@ -97,13 +97,13 @@ def test_errors_are_one_line(checkpoint, tmp_path, args, stdin, status, message)
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags, texts, rows", [
-    (["--num-beams", "1"], 1, 1),  # greedy, one document: one hypothesis per step
-    ([], 1, 64),  # the checkpoint's beam 2
-    (["--num-beams", "1"], 2, 64),  # two documents decoded together
-    (["--num-beams", "1", "--batch-size", "1"], 2, 1)])
+@pytest.mark.parametrize("flags, texts, one_row", [
+    (["--num-beams", "1"], 1, True),  # greedy, one document: one hypothesis per step
+    ([], 1, False),  # the checkpoint's beam 2
+    (["--num-beams", "1"], 2, False),  # two documents decoded together
+    (["--num-beams", "1", "--batch-size", "1"], 2, True)])
 def test_the_cli_packs_the_decoder_for_the_decoding_it_runs(monkeypatch, capsys, checkpoint, tmp_path, flags, texts,
-                                                            rows):
+                                                            one_row):
     """float32 on CPU: the decoder's matmuls in oneDNN's one-row layout exactly when every step runs one
     hypothesis (onednn.PACK_ROWS: faster there, slower for several)."""
     from onednn import PACK_ROWS, OneDNNLinear
@@ -116,7 +116,7 @@ def test_the_cli_packs_the_decoder_for_the_decoding_it_runs(monkeypatch, capsys,
     (model, _), = generate._LOADED.values()
     if not isinstance(model.decoder.layers[0].fc1, OneDNNLinear):
         pytest.skip("oneDNN is not available in this PyTorch build")
-    assert model.decoder.layers[0].fc1.rows == (1 if rows == 1 else PACK_ROWS)
+    assert model.decoder.layers[0].fc1.rows == (1 if one_row else PACK_ROWS)
     assert model.encoder.layers[0].fc1.rows == PACK_ROWS
 
 
