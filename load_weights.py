@@ -12,6 +12,7 @@ copy of the weights.
 """
 
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -117,7 +118,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     expected = model.state_dict()  # names and shapes (meta tensors)
     by_rows = bool(quantize) or dtype != torch.float32  # int8 or converted: mapped, a matrix stays resident whole
     with returning_freed_memory() if by_rows or not mmap else nullcontext():
-        state, copies = {}, {}
+        state, copies, table = {}, {}, None
         for key, t in iter_tensors(ckpt, mmap and not by_rows, rows=by_rows):
             int8 = quantize and (key in TIED or expected.get(key.removeprefix("model."), t).dtype == torch.int8)
             if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
@@ -138,6 +139,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
                 state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
                 if name == "shared.weight":
                     copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
+                    table = t.mapped() if isinstance(t, Rows) else None  # for lookups: see below
                 continue
             if name == "shared.weight":
                 copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
@@ -147,34 +149,47 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         missing = sorted(set(expected) - set(state))
         if missing:
             raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
-        shared = copies.pop("shared.weight")
-        for key, t in copies.items():
-            if quantize and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
-                (q, s), (q0, s0) = t, shared
-                if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
-                    raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
-                                     f"this checkpoint is not a standard {config.model_type}")
-                continue
-            # An untied output head or another position formula would silently give other logits. The
-            # stored copy was rounded to its stored dtype (a float16 table differs from the float32
-            # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
-            ref = shared if key in TIED or t.dim() != 2 else sinusoids(t.size(0), t.size(1))
-            coarsest = max(torch.finfo(t.dtype).eps, torch.finfo(ref.dtype).eps)
-            close = t.shape == ref.shape and torch.allclose(t.float(), ref.float(), rtol=coarsest,
-                                                            atol=max(coarsest, 1e-4))
-            if not close:
-                what = "shared embedding" if key in TIED else "sinusoid table"
-                raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
-                                 f"this checkpoint is not a standard {config.model_type}")
+        check_copies(copies, ckpt, config.model_type, bool(quantize))
         model.load_state_dict(state, assign=True, strict=True)
         state.clear()  # the model holds the tensors now; packing below can free each plain int8 one
+        copies.clear()
         model.init_buffers()  # the position table was built on the meta device
         model.to(device)
+        if table is not None and torch.device(device).type == "cpu":
+            # Lookups read the checkpoint's float rows, memory-mapped, and quantize them: packing the output
+            # head can then let go of the plain int8 table (98 MB at pegasus-xsum shape; quantize.py).
+            model.shared.lookup_from(table)
         if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
             pack_all(model)
     model.generation_config = generation
     model.encode_each |= dtype != torch.float32 and torch.device(device).type == "cpu"  # bf16/fp16: decoding.encode
     return model.eval(), tokenizer
+
+
+def check_copies(copies: dict, ckpt: Path, model_type: str, int8: bool):
+    """The stored copies of derived tensors (TIED, POSITIONS) against what they must equal: the shared
+    embedding (copies["shared.weight"]; int8: (q, scale) pairs) and the sinusoid tables."""
+    shared = copies["shared.weight"]
+    for key, t in copies.items():
+        if key == "shared.weight":
+            continue
+        if int8 and key in TIED:  # int8 (q, scale) pairs: a copy rounded differently moves q by at most 1
+            (q, s), (q0, s0) = t, shared
+            if q.shape != q0.shape or (q.short() - q0).abs().max() > 1 or not torch.allclose(s, s0, rtol=1e-2):
+                raise ValueError(f"{key} in {ckpt} does not equal the shared embedding it should be a copy of; "
+                                 f"this checkpoint is not a standard {model_type}")
+            continue
+        # An untied output head or another position formula would silently give other logits. The
+        # stored copy was rounded to its stored dtype (a float16 table differs from the float32
+        # sinusoids by up to ~5e-4, a bfloat16 one by ~4e-3): allow one unit of that rounding.
+        ref = shared if key in TIED or t.dim() != 2 else sinusoids(t.size(0), t.size(1))
+        coarsest = max(torch.finfo(t.dtype).eps, torch.finfo(ref.dtype).eps)
+        close = t.shape == ref.shape and torch.allclose(t.float(), ref.float(), rtol=coarsest,
+                                                        atol=max(coarsest, 1e-4))
+        if not close:
+            what = "shared embedding" if key in TIED else "sinusoid table"
+            raise ValueError(f"{key} in {ckpt} does not equal the {what} it should be a copy of; "
+                             f"this checkpoint is not a standard {model_type}")
 
 
 def generation_config(ckpt: Path, raw_config: dict) -> dict:
@@ -218,6 +233,14 @@ def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     tensors["final_logits_bias"] = tensors.pop("model.final_logits_bias", None)
     if tensors["final_logits_bias"] is None:
         del tensors["final_logits_bias"]
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    # Written beside and then renamed over the old file: a model loaded from this directory may still read
+    # the old one through a memory map (float32 weights, an int8 model's lookups), which a rewrite in place
+    # would change under it (or cut short: SIGBUS); and an interrupted save leaves no half-written file.
+    tmp = out / f".model.safetensors.{os.getpid()}.tmp"
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, out / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
     if tokenizer is not None:  # the SentencePiece model, whichever file it was read from
         (out / "spiece.model").write_bytes(tokenizer.sp.serialized_model_proto())

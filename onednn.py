@@ -116,9 +116,9 @@ def use_onednn(model, step_rows: int | None = None):
     Packing is mostly writing fresh memory (page faults), which one thread does at a time per call:
     torch.get_num_threads() weights are packed at once (the op releases Python's lock). Measured at
     pegasus-xsum shape (257 matrices), from the page cache: 2.0 s on one core."""
-    w = model.shared.weight
-    fast = w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_supported())
-    if not available() or w.device.type != "cpu" or not fast:
+    w = model.shared.weight  # None in an int8 model whose table lives in fbgemm's packed copy (quantize.py)
+    fast = w is not None and (w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and bf16_supported()))
+    if not available() or not fast or w.device.type != "cpu":
         return model
 
     def convert(name: str):
@@ -139,8 +139,8 @@ def screened_argmax(model) -> "ScreenedArgmax | None":
     """Greedy decoding's exact argmax over the model's output projection (float32 or bfloat16),
     screened in int8 (pass it as decoding's `argmax` option), or None where this PyTorch lacks the
     int8 kernel or its dtypes."""
-    w = model.shared.weight
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+    w = model.shared.weight  # None: see use_onednn
+    if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
         return None
     bias = model.final_logits_bias
     try:
@@ -189,8 +189,11 @@ class ScreenedArgmax:
         self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
         self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
         self.norm_e, self.slack = torch.empty(V), torch.empty(V)  # (V,) each, see approximate
-        for i in range(0, V, 4096):  # in slices of rows: no second (V, D) float copy at any time
-            rows = slice(i, i + 4096)
+        # In slices of 512 rows: no second (V, D) float copy at any time, and each temporary is 2 MB. With
+        # 4096 rows (16 MB temporaries) the freed ones stayed in the heap between live blocks: a bfloat16
+        # pegasus-xsum grew 274 MB in prepare for 99 MB of tables.
+        for i in range(0, V, 512):
+            rows = slice(i, i + 512)
             e, s = E[rows].float(), self.scale[rows].float()[:, None]
             self.q[rows] = torch.round(e / s).clamp(-127, 127)
             approx = self.q[rows] * s  # e~ for these rows

@@ -84,13 +84,16 @@ channel). Keeping both the plain int8 buffer and the packed copy would cost 2 by
 (torch.ops.quantized.linear_unpack); state_dict, load_state_dict and .to() unpack first, so the
 module saves, loads and moves like any other. At pegasus-xsum shape (568.7M parameters, 2.27 GB
 in float32): 470M linear weights packed (0.47 GB), the int8 embedding table (98M, 0.10 GB) and the
-int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights. Measured peak
+int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights; ~0.57 GB when
+the table's lookups read the checkpoint (Int8TiedEmbedding.lookup_from, below). Measured peak
 RSS (one process each, random weights, encode 505 tokens then 10 greedy and 10 beam-8 steps; the
 ~0.3 GB of the PyTorch runtime is in every figure): float32 read into memory, then packed for
 oneDNN 3.17 GB; float32 built in the process 2.59 GB; int8 (skeleton on the meta device,
 an int8 state file holding the table once, torch.load, pack, int8_head) 1.14 GB, 0.36x of the
 float32 load path (0.31x without the runtime), 1.00 GB at rest. quantize_int8 on a float model in
-the same process adds 0.04 GB to the float model's peak (one layer at a time).
+the same process adds 0.04 GB to the float model's peak (one layer at a time). The CLI's int8 path
+since lookup_from (load_model from safetensors, 2 threads, Zen 4, benchmarks.speed's greedy job):
+0.83 GB at rest, 0.95-0.99 GB at the peak, where it was 0.93-0.94 and 1.02-1.06 GB.
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
 float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,
@@ -116,7 +119,10 @@ The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows the
 fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a plain attribute,
 not a buffer: a state_dict holds the table once (`shared.weight` int8, `shared.scale`), as float
 checkpoints hold `shared.weight` once. The model reads its activations' dtype and device from
-Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table.
+Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table. load_model, reading a
+safetensors file, also hands the table's float rows to `lookup_from`, memory-mapped: lookups then
+quantize the rows they read (giving the table's own int8 values), only the pages of those rows
+become resident, and packing lets go of the plain table, as Int8Linear's packing does.
 
 load_weights.load_model(..., quantize="int8") never builds the float model: the model is built on
 the meta device, quantize_model turns its layers into int8 skeletons, and each checkpoint tensor is
@@ -191,18 +197,27 @@ def runs_on_fbgemm(t: torch.Tensor) -> bool:
 
 
 def fbgemm_pack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-    """int8 weight (out, in), scales (out,), float bias -> fbgemm's packed weight (an opaque object).
+    """int8 weight (out, in), scales (out,), float bias -> fbgemm's packed weight (an opaque object)."""
+    return fbgemm_prepack(per_channel_qint8(q, scale), bias)
 
-    PyTorch's packing op reads a per-channel "quantized tensor"; we build one for the call only (a
-    transient copy of one matrix). The quantized engine is a process-wide setting that chooses which
-    library packs; we choose fbgemm explicitly for this call and restore the user's setting."""
+
+def per_channel_qint8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The per-channel "quantized tensor" (out, in) that PyTorch's packing op reads: a copy of q, made
+    for the packing only (a caller that can let go of q does so before fbgemm_prepack: two copies of
+    the matrix at the peak, not three)."""
     # PyTorch deprecates quantized tensors in favour of torchao. catch_warnings swaps the process's
     # filter list and puts it back on exit, which interleaved in two threads (pack_all) would leave
-    # our "ignore" in force: one thread at a time here; only the packing below runs in parallel.
+    # our "ignore" in force: one thread at a time here; only the packing itself runs in parallel.
     with _WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         zero = torch.zeros(q.size(0), dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)  # (out, in) qint8
+        return torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)  # (out, in) qint8
+
+
+def fbgemm_prepack(qw: torch.Tensor, bias: torch.Tensor | None):
+    """per_channel_qint8's tensor and a float bias -> fbgemm's packed weight. The quantized engine is a
+    process-wide setting that chooses which library packs; we choose fbgemm explicitly for this call
+    and restore the user's setting."""
     engine = torch.backends.quantized.engine
     torch.backends.quantized.engine = "fbgemm"
     try:
@@ -273,8 +288,9 @@ class Int8Linear(nn.Module):
     def pack(self) -> "Int8Linear":
         """Move the int8 weight into fbgemm's layout (CPU with fbgemm only; otherwise a no-op)."""
         if self.packed is None and self.use_fbgemm():
-            self.packed = fbgemm_pack(self.weight, self.scale.float(), self.bias)
-            self.weight = None  # fbgemm's copy is now the only one (see the module docstring)
+            qw = per_channel_qint8(self.weight, self.scale.float())
+            self.weight = None  # fbgemm's copy will be the only one (see the module docstring); let go first
+            self.packed = fbgemm_prepack(qw, self.bias)
         return self
 
     def unpack(self) -> "Int8Linear":
@@ -342,18 +358,56 @@ class Int8TiedEmbedding(Int8Embedding):
     (..., V), the output head without its bias (Pegasus.logits adds final_logits_bias), from the same
     int8 rows and scales. On CPU with fbgemm the head runs on a packed copy, made on first use and
     kept as a plain attribute (not in state_dict: the table is saved once); loading and moving drop
-    it, and the next project packs again."""
+    it, and the next project packs again.
+
+    The packed copy cannot be read a row at a time, so lookups need the plain table too: 98 MB more
+    at pegasus-xsum shape, a tenth of the int8 model. Unless lookup_from gives the float table it was
+    quantized from (load_model: the checkpoint's, memory-mapped): then lookups quantize just the rows
+    they read, which gives the same int8 values, and packing lets go of the plain table, as
+    Int8Linear does (state_dict, loading and moving unpack it)."""
 
     packed = None  # fbgemm's copy of (weight, scale), or None
+    rows = None  # the float (V, D) table lookups read while packed (lookup_from), or None
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "Int8TiedEmbedding":
         return cls.from_weight(embedding.weight)
 
+    def lookup_from(self, source: torch.Tensor) -> "Int8TiedEmbedding":
+        """Let lookups read `source`, the float (V, D) table this int8 one was quantized from. A few rows
+        spread over the table are quantized now and must give this table's values exactly."""
+        V = self.weight.size(0)
+        some = torch.linspace(0, V - 1, min(V, 16)).long()  # (16,)
+        same = source.shape == self.weight.shape
+        if same:
+            q, s = quantize_weight(source[some])
+            same = torch.equal(q, self.weight[some]) and torch.equal(s, self.scale[some])
+        if not same:
+            raise ValueError("lookup_from: the float table is not the one this int8 table was quantized from")
+        self.rows = source
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
+        if self.weight is not None:
+            return super().forward(ids)
+        q, _ = quantize_weight(self.rows[ids.reshape(-1)])  # (N, D) int8: the table's rows, as quantized at load
+        return (q.to(self.scale.dtype) * self.scale[ids.reshape(-1)].unsqueeze(-1)).view(*ids.shape, -1)
+
     def pack(self) -> "Int8TiedEmbedding":
         """Make the head's packed copy now (CPU with fbgemm only; otherwise a no-op)."""
         if self.packed is None and runs_on_fbgemm(self.scale):
-            self.packed = fbgemm_pack(self.weight, self.scale.float(), None)
+            qw = per_channel_qint8(self.weight, self.scale.float())
+            if self.rows is not None:
+                self.weight = None  # lookups read self.rows: the packed copy is the only int8 one
+            self.packed = fbgemm_prepack(qw, None)
+        return self
+
+    def unpack(self) -> "Int8TiedEmbedding":
+        """Bring the plain int8 table back (from the packed copy, exactly) and drop the packed copy and
+        the float source: after loading or moving, the plain table is the one to use."""
+        if self.weight is None and self.packed is not None:
+            self.weight = fbgemm_unpack(self.packed)
+        self.packed = self.rows = None
         return self
 
     def project(self, h: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
@@ -362,12 +416,18 @@ class Int8TiedEmbedding(Int8Embedding):
             return y.to(h.dtype)
         return F.linear(h, self.weight.to(h.dtype)) * self.scale.to(h.dtype)  # weight-only int8
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight is None:  # packed, lookups from the float source: the int8 table from the packed copy
+            destination[prefix + "weight"] = fbgemm_unpack(self.packed)
+            destination.move_to_end(prefix + "scale")  # keep the order weight, scale
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self.packed = None
+        self.unpack()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # .to(), .cpu(), ...: the packed copy is rebuilt where the table lands
-        self.packed = None
+        self.unpack()
         return super()._apply(fn, recurse)
 
 

@@ -138,6 +138,16 @@ class Rows:
         return block.view(self.dtype).view(last - first, self.shape[1])
 
 
+    def mapped(self) -> torch.Tensor:
+        """The matrix as a view of a copy-on-write memory map of its bytes in the file: nothing is read
+        until a row is used, and only the pages of the rows used become resident (the int8 embedding's
+        lookups read the checkpoint's table so: quantize.Int8TiedEmbedding.lookup_from)."""
+        skip = self.start % mmap.ALLOCATIONGRANULARITY  # a map must begin at a multiple of this
+        size = self.shape.numel() * self.dtype.itemsize
+        with open(self.file, "rb") as f:
+            whole = mmap.mmap(f.fileno(), skip + size, access=mmap.ACCESS_COPY, offset=self.start - skip)
+        return torch.frombuffer(memoryview(whole)[skip:], dtype=self.dtype).view(self.shape)  # holds the map
+
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole matrix in `dtype`, converted a block of rows (512 KB) at a time: a float32 matrix
         loaded as bfloat16 is never in memory whole as float32 (memory-mapped, the 394 MB table at
@@ -205,9 +215,10 @@ def returning_freed_memory():
     import ctypes
     global _RETURNING
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        mallopt = lambda option, value: None  # noqa: E731
+        mallopt = malloc_trim = lambda *args: None  # noqa: E731
     if _RETURNING == 0:
         mallopt(-3, 1 << 20)
     _RETURNING += 1
@@ -218,3 +229,4 @@ def returning_freed_memory():
         if _RETURNING == 0:
             mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
             mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+            malloc_trim(0)  # the small blocks freed while loading, kept in the heap between live ones: back too

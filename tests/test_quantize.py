@@ -389,6 +389,31 @@ def test_tied_embedding_is_the_shared_int8_table():
     assert torch.equal(model.logits(h), model.shared.project(h) + model.final_logits_bias[0])
 
 
+def test_tied_embedding_looks_up_from_its_float_table_once_packed():
+    """lookup_from: lookups quantize the rows they read from the float table (the same values as the
+    int8 table's), so packing lets go of the plain table; state_dict, loading and moving bring it back."""
+    w = uneven_weight(300, 24)
+    plain = Int8TiedEmbedding.from_weight(w)
+    tied = Int8TiedEmbedding.from_weight(w).lookup_from(w)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    ids = torch.tensor([[3, 299, 0], [150, 150, 7]])
+    h = torch.randn(4, 24)
+    tied.pack()
+    if quantize.fbgemm_available():
+        assert tied.weight is None and tied.packed is not None  # one int8 copy: the head's packed one
+    assert torch.equal(tied(ids), plain(ids)) and torch.equal(tied.project(h), plain.project(h))
+    saved = tied.state_dict()
+    assert list(saved) == list(state) and all(torch.equal(saved[k], state[k]) for k in state)
+    tied.load_state_dict(state)  # the plain table again; the float source no longer stands for it
+    assert tied.rows is None and torch.equal(tied.weight, state["weight"]) and torch.equal(tied(ids), plain(ids))
+    moved = Int8TiedEmbedding.from_weight(w).lookup_from(w).pack().to("cpu")
+    assert moved.rows is None and torch.equal(moved.weight, state["weight"]) and torch.equal(moved(ids), plain(ids))
+    other = w.clone()
+    other[299] *= 2  # the last row: one of those lookup_from checks
+    with pytest.raises(ValueError, match="not the one this int8 table was quantized from"):
+        Int8TiedEmbedding.from_weight(w).lookup_from(other)
+
+
 def test_float_layers_are_freed_and_models_move():
     import gc
     import weakref
