@@ -93,7 +93,7 @@ an int8 state file holding the table once, torch.load, pack, int8_head) 1.14 GB,
 float32 load path (0.31x without the runtime), 1.00 GB at rest. quantize_int8 on a float model in
 the same process adds 0.04 GB to the float model's peak (one layer at a time). The CLI's int8 path
 since lookup_from (load_model from safetensors, 2 threads, Zen 4, benchmarks.speed's greedy job):
-0.83 GB at rest, 0.95-0.99 GB at the peak, where it was 0.93-0.94 and 1.02-1.06 GB.
+0.81 GiB at rest, 0.92-0.96 GiB at the peak, where it was 0.91-0.92 and 1.00-1.04 GiB.
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
 float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,

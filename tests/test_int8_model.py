@@ -281,8 +281,8 @@ def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
 
 def test_the_loading_allocator_policy_gives_the_heap_back_at_the_end(monkeypatch):
     """The outermost block's end sets glibc's ceilings and then malloc_trim(0)s: the small blocks a
-    load frees between live ones go back to the system (measured at pegasus-xsum shape, int8: 0.89 ->
-    0.83 GB resident after loading, with lookup_from). The calls are recorded from a stand-in libc."""
+    load frees between live ones go back to the system (measured at pegasus-xsum shape, int8: 0.87 ->
+    0.81 GiB resident after loading, with lookup_from). The calls are recorded from a stand-in libc."""
     import ctypes
 
     import weight_files
