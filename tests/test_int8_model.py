@@ -144,7 +144,8 @@ def test_tiny_checkpoints_load_in_int8(kind, tmp_path):
         load_model(tmp_path, quantize="int8")
 
 
-def test_int8_lookups_read_the_checkpoints_table_and_survive_saving_over_it(tmp_path):
+@pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
+def test_int8_lookups_read_the_checkpoints_table_and_survive_saving_over_it(kind, tmp_path):
     """From safetensors, the int8 embedding's lookups read the checkpoint's float table through a
     memory map, and the plain int8 table goes once the output head is packed (quantize.py,
     Int8TiedEmbedding). Saving the model into the directory it came from replaces the file (a new
@@ -152,7 +153,7 @@ def test_int8_lookups_read_the_checkpoints_table_and_survive_saving_over_it(tmp_
     rewritten in place the table would have moved (wrong rows, or SIGBUS past the shorter file's end).
     (safetensors 0.8 replaces the file itself; older versions rewrote it in place, so save_model renames
     a temporary of its own.)"""
-    model = tiny_model("pegasus")
+    model = tiny_model(kind)
     write(tmp_path, repository(model, tiny_spiece(), weights="safetensors"))
     q, tok = load_model(tmp_path, quantize="int8")
     assert q.shared.rows is not None
