@@ -139,7 +139,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
                 state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
                 if name == "shared.weight":
                     copies[name] = state[name], state["shared.scale"]  # the tied copies are checked against these
-                    table = t.mapped() if isinstance(t, Rows) else None  # for lookups: see below
+                    table = t.reader() if isinstance(t, Rows) else None  # for lookups: see below
                 continue
             if name == "shared.weight":
                 copies[name] = t  # kept as stored, to compare the tied copies with in their own precision
@@ -156,7 +156,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         model.init_buffers()  # the position table was built on the meta device
         model.to(device)
         if table is not None and torch.device(device).type == "cpu":
-            # Lookups read the checkpoint's float rows, memory-mapped, and quantize them: packing the output
+            # Lookups read the checkpoint's float rows from the file and quantize them: packing the output
             # head can then let go of the plain int8 table (98 MB at pegasus-xsum shape; quantize.py).
             model.shared.lookup_from(table)
         if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
@@ -234,11 +234,14 @@ def save_model(model, directory, tokenizer: PegasusTokenizer | None = None):
     if tensors["final_logits_bias"] is None:
         del tensors["final_logits_bias"]
     # Written beside and then renamed over the old file: a model loaded from this directory may still read
-    # the old one through a memory map (float32 weights, an int8 model's lookups), which a rewrite in place
-    # would change under it (or cut short: SIGBUS); and an interrupted save leaves no half-written file.
+    # the old one (float32 weights through a memory map, an int8 model's lookups from its open file), which a
+    # rewrite in place would change under it (or cut short); and an interrupted save leaves no half-written file.
     tmp = out / f".model.safetensors.{os.getpid()}.tmp"
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as config.json: safetensors 0.8 writes its files readable by the owner only
         os.replace(tmp, out / "model.safetensors")
     finally:
         tmp.unlink(missing_ok=True)

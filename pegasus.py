@@ -198,16 +198,15 @@ class KVCache:
     dimension of the filled slots into a spare buffer (DecoderCache.reorder).
     """
 
-    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
-        # Not zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4 documents)
-        self.k = torch.empty(batch, heads, max_len, head_dim, dtype=dtype, device=device)  # (B, H, L, Dh)
-        self.v = torch.empty_like(self.k)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v  # (B, H, L, Dh) each, preallocated for L positions (DecoderCache makes them)
         self.length = 0  # slots filled, set by DecoderCache.advance before each step
+        self.read = 0  # slots attention reads: `length`, or rounded up to a whole block (DecoderCache.advance)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))  # write (B, H, T, Dh) at input_pos, in the cache's dtype
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, H, length, Dh)
+        return self.k[:, :, : self.read], self.v[:, :, : self.read]  # (B, H, read, Dh)
 
     def reorder(self, idx: torch.Tensor, spare: "KVCache"):
         """Row i := row idx[i], written into `spare`'s buffers, which then trade places with ours.
@@ -392,26 +391,46 @@ class DecoderCache:
         # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster.
         shared = encoder_out is not None and n_hyps > encoder_out.size(0)
         kv_dtype = model.kv_dtype if model.kv_dtype is not None and shared else model.dtype
+        # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
+        # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
+        # (int8 beam 8 over 4 documents, Zen 4). Self-attention reading whole blocks of 16 slots, the unfilled
+        # ones masked out, makes 4 shapes where there were 64. float32 reads exactly the filled slots (bit for bit).
+        self.block = 16 if kv_dtype == torch.bfloat16 and model.device.type == "cpu" else 1
+        H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
         self.cross_kv = None  # decoder-only use has no source
         if encoder_out is not None:
-            # (Bs, H, S, Dh) each, made contiguous once: every decoding step reads all of them
-            self.cross_kv = [tuple(t.to(kv_dtype).contiguous() for t in layer.encoder_attn.project_kv(encoder_out))
-                             for layer in layers]
+            # Every layer's cross-attention keys/values in one block, contiguous (every step reads all of them),
+            # written a layer at a time. As 2 tensors per layer they came from the heap, between the projections
+            # freed after each one was copied, and the heap kept those too: 319 MB for 132 MB of bfloat16 keys
+            # and values (int8, beam 8 over 4 documents, Zen 4); one large block is a mapping of its own.
+            kv = torch.empty(len(layers), 2, encoder_out.size(0), H, encoder_out.size(1), Dh, dtype=kv_dtype,
+                             device=model.device)  # (L, 2, Bs, H, S, Dh)
+            for (k, v), layer in zip(kv, layers):
+                k_new, v_new = layer.encoder_attn.project_kv(encoder_out)  # (Bs, H, S, Dh) each
+                k.copy_(k_new), v.copy_(v_new)
+            self.cross_kv = [(k, v) for k, v in kv]
         self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
-        H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
-        self.self_kv = [KVCache(n_hyps, H, max_len, Dh, kv_dtype, model.device) for _ in layers]
-        self.spare = KVCache(n_hyps, H, max_len, Dh, kv_dtype, model.device)  # reorder writes here
+        # Every layer's self-attention keys/values, and the spare pair reorder writes into, in one block. Not
+        # zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4 documents), but
+        # where attention reads whole blocks of slots the unfilled ones, masked out, must still hold finite
+        # values (a weight of 0 times NaN is NaN): their values are zeroed then.
+        kv = torch.empty(len(layers) + 1, 2, n_hyps, H, max_len, Dh, dtype=kv_dtype, device=model.device)
+        if self.block > 1:
+            kv[:, 1].zero_()
+        *self.self_kv, self.spare = [KVCache(k, v) for k, v in kv]  # (n_hyps, H, max_len, Dh) each
         self.max_len = max_len
 
-    def advance(self, input_pos: torch.Tensor) -> int:
-        """Before a step writes positions input_pos (T,): the slots filled once it has, n (one host
-        sync per step, not one per layer)."""
+    def advance(self, input_pos: torch.Tensor) -> torch.Tensor | None:
+        """Before a step writes positions input_pos (T,): sets the slots filled once it has (one host
+        sync per step, not one per layer) and those attention reads, and returns the self-attention
+        mask over the slots read, (T, read): None where one new token may see every slot read."""
         n = int(input_pos.max()) + 1
         if n > self.max_len:
             raise ValueError(f"position {n - 1} is past the decoder cache's {self.max_len} slots")
+        read = min(-(-n // self.block) * self.block, self.max_len)  # n rounded up to a whole block
         for c in self.self_kv:
-            c.length = n
-        return n
+            c.length, c.read = n, read
+        return cache_mask(input_pos, read) if len(input_pos) > 1 or read > n else None
 
     def reorder(self, idx: torch.Tensor):
         """Beam search: hypothesis i continues from hypothesis idx[i]."""
@@ -578,8 +597,7 @@ class Pegasus(nn.Module):
                 cross_kv = [layer.encoder_attn.project_kv(encoder_out) for layer in self.decoder.layers]
             cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (B, 1, 1, S)
         else:
-            n = cache.advance(input_pos)
-            mask = cache_mask(input_pos, n) if T > 1 else None  # (T, n); one new token may see every filled slot
+            mask = cache.advance(input_pos)  # (T, slots read), or None
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
         x = self.embed(decoder_input_ids, input_pos, decoder=True)  # (B, T, D)
         for i, layer in enumerate(self.decoder.layers):

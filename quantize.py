@@ -120,9 +120,9 @@ fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a p
 not a buffer: a state_dict holds the table once (`shared.weight` int8, `shared.scale`), as float
 checkpoints hold `shared.weight` once. The model reads its activations' dtype and device from
 Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table. load_model, reading a
-safetensors file, also hands the table's float rows to `lookup_from`, memory-mapped: lookups then
-quantize the rows they read (giving the table's own int8 values), only the pages of those rows
-become resident, and packing lets go of the plain table, as Int8Linear's packing does.
+safetensors file, also hands `lookup_from` a reader of the table's float rows in the file
+(weight_files.RowReader): lookups then read and quantize just the rows they need (giving the
+table's own int8 values), and packing lets go of the plain table, as Int8Linear's packing does.
 
 load_weights.load_model(..., quantize="int8") never builds the float model: the model is built on
 the meta device, quantize_model turns its layers into int8 skeletons, and each checkpoint tensor is
@@ -350,7 +350,10 @@ class Int8Embedding(nn.Module):
         return m
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
-        return self.weight[ids].to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+        return self.int8_rows(ids).to(self.scale.dtype) * self.scale[ids].unsqueeze(-1)
+
+    def int8_rows(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) int8
+        return self.weight[ids]
 
 
 class Int8TiedEmbedding(Int8Embedding):
@@ -362,7 +365,7 @@ class Int8TiedEmbedding(Int8Embedding):
 
     The packed copy cannot be read a row at a time, so lookups need the plain table too: 98 MB more
     at pegasus-xsum shape, a tenth of the int8 model. Unless lookup_from gives the float table it was
-    quantized from (load_model: the checkpoint's, memory-mapped): then lookups quantize just the rows
+    quantized from (load_model: the checkpoint's, read from the file): then lookups quantize just the rows
     they read, which gives the same int8 values, and packing lets go of the plain table, as
     Int8Linear does (state_dict, loading and moving unpack it)."""
 
@@ -387,11 +390,11 @@ class Int8TiedEmbedding(Int8Embedding):
         self.rows = source
         return self
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) float
-        if self.weight is not None:
-            return super().forward(ids)
-        q, _ = quantize_weight(self.rows[ids.reshape(-1)])  # (N, D) int8: the table's rows, as quantized at load
-        return (q.to(self.scale.dtype) * self.scale[ids.reshape(-1)].unsqueeze(-1)).view(*ids.shape, -1)
+    def int8_rows(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) int8
+        if self.weight is not None:  # not packed, or no float table to read
+            return self.weight[ids]
+        q, _ = quantize_weight(self.rows[ids.reshape(-1)])  # (N, D): the table's rows, as quantized at load
+        return q.view(*ids.shape, -1)  # (..., D)
 
     def pack(self) -> "Int8TiedEmbedding":
         """Make the head's packed copy now (CPU with fbgemm only; otherwise a no-op)."""

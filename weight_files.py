@@ -137,15 +137,10 @@ class Rows:
             raise ValueError(f"{self.file} ends inside a tensor: it is truncated")
         return block.view(self.dtype).view(last - first, self.shape[1])
 
-    def mapped(self) -> torch.Tensor:
-        """The matrix as a view of a copy-on-write memory map of its bytes in the file: nothing is read
-        until a row is used, and only the pages of the rows used become resident (the int8 embedding's
+    def reader(self) -> "RowReader":
+        """The matrix as a RowReader: rows read from the file when indexed (the int8 embedding's
         lookups read the checkpoint's table so: quantize.Int8TiedEmbedding.lookup_from)."""
-        skip = self.start % mmap.ALLOCATIONGRANULARITY  # a map must begin at a multiple of this
-        size = self.shape.numel() * self.dtype.itemsize
-        with open(self.file, "rb") as f:
-            whole = mmap.mmap(f.fileno(), skip + size, access=mmap.ACCESS_COPY, offset=self.start - skip)
-        return torch.frombuffer(memoryview(whole)[skip:], dtype=self.dtype).view(self.shape)  # holds the map
+        return RowReader(self)
 
     def to(self, dtype: torch.dtype) -> torch.Tensor:
         """The whole matrix in `dtype`, converted a block of rows (512 KB) at a time: a float32 matrix
@@ -158,6 +153,35 @@ class Rows:
         for i in range(0, self.shape[0], step):
             out[i: i + step] = self[i: i + step]
         return out
+
+
+class RowReader:
+    """Rows of a safetensors matrix read by index, each with one read from a file kept open: only
+    the rows asked for are copied, and a file later saved over the checkpoint (a new inode,
+    load_weights.save_model) leaves these reads on the old one. Not a memory map: a page fault maps
+    the pages around the one it needs too (fault-around, readahead), and the ~300 rows of one
+    505-token article left 118 MiB of the map resident (pegasus-xsum shape), where reads keep none."""
+
+    def __init__(self, rows: Rows):
+        self.shape, self.dtype, self._start = rows.shape, rows.dtype, rows.start
+        self._file = open(rows.file, "rb", buffering=0)  # closed when the reader is freed
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:  # (N,) int64 -> (N, D)
+        ids = torch.as_tensor(ids).reshape(-1)
+        wanted, where = torch.unique(ids, return_inverse=True)  # (U,), (N,): read each row once
+        if len(wanted) and not 0 <= wanted[0] <= wanted[-1] < self.shape[0]:
+            raise IndexError(f"row ids {wanted[0].item()}..{wanted[-1].item()} outside 0..{self.shape[0] - 1}")
+        out = torch.empty(len(wanted), self.shape[1], dtype=self.dtype)  # (U, D)
+        rows = out.view(torch.uint8).numpy()  # (U, D * itemsize): the bytes land here directly
+        size = rows.shape[1]
+        for row, i in zip(rows, wanted.tolist()):
+            self._file.seek(self._start + i * size)  # unbuffered: one read of just this row
+            if self._file.readinto(row) != size:
+                raise ValueError(f"{self._file.name} ends inside a tensor: it is truncated")
+        return out[where]  # (N, D)
+
+    def __deepcopy__(self, memo) -> "RowReader":  # a read-only view of the file: copies share it
+        return self
 
 
 def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):

@@ -146,11 +146,11 @@ def test_tiny_checkpoints_load_in_int8(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
 def test_int8_lookups_read_the_checkpoints_table_and_survive_saving_over_it(kind, tmp_path):
-    """From safetensors, the int8 embedding's lookups read the checkpoint's float table through a
-    memory map, and the plain int8 table goes once the output head is packed (quantize.py,
+    """From safetensors, the int8 embedding's lookups read the checkpoint's float rows from the file
+    (weight_files.RowReader), and the plain int8 table goes once the output head is packed (quantize.py,
     Int8TiedEmbedding). Saving the model into the directory it came from replaces the file (a new
     inode) rather than rewriting it under the map: the saved layout has no tied copies, so in a file
-    rewritten in place the table would have moved (wrong rows, or SIGBUS past the shorter file's end).
+    rewritten in place the table would have moved (wrong rows, or a read past the shorter file's end).
     (safetensors 0.8 replaces the file itself; older versions rewrote it in place, so save_model renames
     a temporary of its own.)"""
     model = tiny_model(kind)
@@ -168,6 +168,29 @@ def test_int8_lookups_read_the_checkpoints_table_and_survive_saving_over_it(kind
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
     with torch.no_grad():
         assert torch.equal(q(ids), before)
+
+
+def test_row_reader_reads_the_rows_asked_for(tmp_path):
+    """weight_files.RowReader: rows by index (repeated, unordered), each read once from the file; ids
+    outside the matrix and a file cut short are refused; a deep copy shares the open file (it is
+    read-only), where a copy of a memory-mapped table would have been the whole table in memory."""
+    from safetensors.torch import save_file
+
+    import weight_files
+    w = torch.randn(300, 40)
+    save_file({"w": w}, str(tmp_path / "w.safetensors"))
+    header, begin = weight_files.Rows.header(tmp_path / "w.safetensors")
+    reader = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 40], "F32").reader()
+    ids = torch.tensor([[299, 0, 7], [7, 7, 150]])
+    assert reader.shape == w.shape and torch.equal(reader[ids], w[ids.reshape(-1)])
+    assert copy.deepcopy(reader) is reader and reader[torch.tensor([], dtype=torch.long)].shape == (0, 40)
+    for bad in (300, -1):
+        with pytest.raises(IndexError, match="outside 0..299"):
+            reader[torch.tensor([3, bad])]
+    cut = tmp_path / "w.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-40 * 4])  # the last row gone (the reader's open file sees it too)
+    with pytest.raises(ValueError, match="truncated"):
+        reader[torch.tensor([299])]
 
 
 def test_bad_quantize_arguments(toy):

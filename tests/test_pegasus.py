@@ -143,6 +143,9 @@ def test_save_model_round_trip_through_reference(tmp_path, spiece_model):
     with torch.no_grad():
         ours.final_logits_bias.normal_()
     save_model(ours, tmp_path, PegasusTokenizer.from_spiece(spiece_model))
+    # the weights as readable as the config beside them (safetensors 0.8 alone writes them owner-only)
+    mode = (tmp_path / "config.json").stat().st_mode & 0o777
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == mode
     back, tok = load_model(tmp_path)
     ref = transformers.PegasusForConditionalGeneration.from_pretrained(tmp_path).eval()
     ids, mask, dec = batch(tok)
