@@ -93,7 +93,10 @@ an int8 state file holding the table once, torch.load, pack, int8_head) 1.14 GB,
 float32 load path (0.31x without the runtime), 1.00 GB at rest. quantize_int8 on a float model in
 the same process adds 0.04 GB to the float model's peak (one layer at a time). The CLI's int8 path
 since lookup_from (load_model from safetensors, 2 threads, Zen 4, benchmarks.speed's greedy job):
-0.81 GiB at rest, 0.92-0.96 GiB at the peak, where it was 0.91-0.92 and 1.00-1.04 GiB.
+0.81 GiB at rest, 0.92-0.96 GiB at the peak, where it was 0.91-0.92 and 1.00-1.04 GiB. Since the lookups read
+rows from the file rather than through a memory map (whose page faults mapped ~118 MiB around
+the article's ~300 rows) and the decoder cache is one block per kind: beam 8 over 4 documents
+1.23-1.29 GiB at the peak, where it was 1.43-1.45 (benchmarks.speed, fresh processes, 2026-12-06).
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
 float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,
