@@ -395,7 +395,7 @@ class Int8TiedEmbedding(Int8Embedding):
 
     def int8_rows(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., D) int8
         if self.weight is not None:  # not packed, or no float table to read
-            return self.weight[ids]
+            return super().int8_rows(ids)
         q, _ = quantize_weight(self.rows[ids.reshape(-1)])  # (N, D): the table's rows, as quantized at load
         return q.view(*ids.shape, -1)  # (..., D)
 
