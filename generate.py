@@ -36,7 +36,7 @@ __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 
 # ----------------------------------------------------------------------------- summarization
 
-_LOADED = {}  # load()'s arguments -> (model, tokenizer): summarize() loads each once
+_LOADED = {}  # load()'s arguments (the hints as the packing they ask for) -> (model, tokenizer): loaded once
 _ARGMAX = {}  # id(model) -> greedy's screened argmax (onednn.ScreenedArgmax) for the models load() made
 
 
@@ -55,7 +55,11 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     generate() call, and the beam width, None for the checkpoint's). With one hypothesis per step
     (greedy, one document at a time) the decoder's matmuls are packed for one row (use_onednn's
     step_rows: ~8% faster greedy on CPU); left out, the model is packed for any decoding."""
-    key = (str(name_or_path), str(dtype), str(device), revision, original, quantize, batch, num_beams)
+    # The hints change the model only where they mean one hypothesis per step (use_onednn's one-row packing,
+    # float path), so the key keeps just that: load(batch=2) and load(batch=8) share one model. batch=1 with the
+    # checkpoint's beam width (num_beams None) stays a key of its own: that width is read from the checkpoint.
+    rows = "any" if quantize is not None or batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
+    key = (str(name_or_path), str(dtype), str(device), revision, original, quantize, rows)
     if key not in _LOADED:
         # Mapped: use_onednn packs from the page cache, each weight's pages let go as it is replaced; what the
         # heap frees meanwhile (a packed bfloat16 copy, int8 blocks) goes back to the system (the policy below).

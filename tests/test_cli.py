@@ -120,6 +120,21 @@ def test_the_cli_packs_the_decoder_for_the_decoding_it_runs(monkeypatch, capsys,
     assert model.encoder.layers[0].fc1.rows == PACK_ROWS
 
 
+def test_load_caches_one_model_per_packing(monkeypatch, checkpoint):
+    """load()'s batch / num_beams hints matter only where they mean one hypothesis per step: hints that
+    pack alike share one cached model (each load is a whole checkpoint read and converted)."""
+    monkeypatch.setattr(generate, "_LOADED", {})
+    model = generate.load(checkpoint)[0]
+    for hints in ({"batch": 2}, {"batch": 8, "num_beams": 1}, {"batch": 1, "num_beams": 4}):
+        assert generate.load(checkpoint, **hints)[0] is model, hints
+    one_row = generate.load(checkpoint, batch=1, num_beams=1)[0]
+    assert one_row is not model
+    assert generate.load(checkpoint, batch=1, num_beams=1)[0] is one_row
+    int8 = generate.load(checkpoint, quantize="int8")[0]  # int8 is not packed by oneDNN: no hint matters
+    assert generate.load(checkpoint, quantize="int8", batch=1, num_beams=1)[0] is int8
+    assert len(generate._LOADED) == 3
+
+
 def test_summarize_keeps_order_and_truncates(monkeypatch, tokenizer, checkpoint):
     """summarize() sorts texts by length into batches: with decoding replaced by an echo of the
     input, every summary must come back to its own text, long ones cut to the model's positions."""
