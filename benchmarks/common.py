@@ -7,6 +7,7 @@ calls its_worker(**kwargs) and prints the result as one JSON line, which spawn r
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,18 @@ sys.path.insert(0, str(ROOT))  # the modules live flat at the repository root
 
 # this project's variants; each benchmark adds the reference (and others)
 IMPLS = ("ours", "ours+onednn", "ours+int8", "ours+bf16")
+
+
+def huge_pages() -> str:
+    """The kernel's transparent-huge-page mode (`always`, `madvise` or `never`; Linux) and THP_MEM_ALLOC_ENABLE if
+    set: with `always`, or `madvise` and that variable, PyTorch's large tensors get 2 MB pages, which changed the
+    times measured here (README, Speed and memory), transformers' most."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "none"
+    setting = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    return f"transparent huge pages: {mode}" + (f", THP_MEM_ALLOC_ENABLE={setting}" if setting is not None else "")
 
 
 def spawn(module: str, **kwargs) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import IMPLS, build_checkpoint, load_ours, peak_rss, serve, spawn
+from benchmarks.common import IMPLS, build_checkpoint, huge_pages, load_ours, peak_rss, serve, spawn
 
 CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
 NEW_TOKENS = 64
@@ -144,6 +144,7 @@ def main():
     p.add_argument("--first-summary", action="store_true",
                    help="also time the first summary (whole process: the CLI vs transformers; first_summary.py)")
     args = p.parse_args()
+    print(f"CPU: {cpu_model()}; {args.threads} threads; {huge_pages()}; load average before: {load_average()}")
     if args.long:
         from benchmarks.long_inputs import bench_long
         torch.set_num_threads(args.threads)
@@ -159,7 +160,6 @@ def main():
     except ImportError:
         print("note: CTranslate2 is not installed (pip install ctranslate2); skipping it")
     impls = [i for i in impls if i in (args.impls or impls)]
-    print(f"CPU: {cpu_model()}; {args.threads} threads; load average before: {load_average()}")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_checkpoint(args.model, Path(tmp) / "model") if not args.checkpoint else Path(args.checkpoint)
         print(f"{args.model} shape, random weights, {args.threads} threads, {args.new_tokens} new tokens forced"
