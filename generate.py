@@ -25,7 +25,8 @@ from tqdm import tqdm
 from data import read_records
 from decoding import DecodingOptions, generate
 from distributed import setup_distributed
-from load_weights import load_model
+from hub import resolve
+from load_weights import generation_config, load_model, read_config
 from onednn import bf16_supported, screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
@@ -48,24 +49,33 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     onednn.ScreenedArgmax, which summarize() passes to generate() for these models. bfloat16 on CPU
     does the same where oneDNN has fast bfloat16 kernels (onednn.bf16_supported: AVX-512 BF16 / AMX);
     elsewhere it runs PyTorch's default (slow) bfloat16 matmuls, with a one-line note. quantize="int8"
-    loads int8 weights (quantize.py; fbgemm's kernels), never building the float model. original: see
-    load_weights.load_model (the TF positions and "<n>" newlines).
+    loads int8 weights (quantize.py; fbgemm's kernels, oneDNN's on AMX), never building the float model.
+    original: see load_weights.load_model (the TF positions and "<n>" newlines).
 
     batch and num_beams: the decoding the caller will run, where it knows it (the CLI: documents per
     generate() call, and the beam width, None for the checkpoint's). With one hypothesis per step
     (greedy, one document at a time) the decoder's matmuls are packed for one row (use_onednn's
-    step_rows: ~8% faster greedy on CPU); left out, the model is packed for any decoding."""
+    step_rows: ~8% faster greedy on CPU), and an int8 model's kernels are chosen for batch x beams rows
+    per step (quantize.quantize_model: oneDNN's from 16 on AMX); left out, the model is packed for any
+    decoding."""
     # The hints change the model only where they mean one hypothesis per step (use_onednn's one-row packing,
     # float path), so the key keeps just that: load(batch=2) and load(batch=8) share one model. batch=1 with the
     # checkpoint's beam width (num_beams None) stays a key of its own: that width is read from the checkpoint.
-    rows = "any" if quantize is not None or batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
+    # int8's kernels follow batch x beams, so its key keeps both.
+    rows = "any" if batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
+    rows = (batch, num_beams) if quantize is not None else rows
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize, rows)
     if key not in _LOADED:
         # Mapped: use_onednn packs from the page cache, each weight's pages let go as it is replaced; what the
         # heap frees meanwhile (a packed bfloat16 copy, int8 blocks) goes back to the system (the policy below).
+        step_rows = None
+        if quantize is not None and batch is not None:  # the beam width, if not given, is the checkpoint's
+            name_or_path, revision = resolve(str(name_or_path), revision), None  # a directory (downloaded once)
+            beams = num_beams or generation_config(name_or_path, read_config(name_or_path)[2]).get("num_beams", 1)
+            step_rows = batch * beams
         with returning_freed_memory():
             model, tokenizer = load_model(name_or_path, dtype=dtype, device=device, revision=revision,
-                                          original=original, quantize=quantize)
+                                          original=original, quantize=quantize, step_rows=step_rows)
             if quantize is None:
                 if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not bf16_supported():
                     print("note: this CPU has no fast bfloat16 matmuls (oneDNN's bf16 check says no); bfloat16 "
@@ -277,7 +287,7 @@ def add_model_flags(p: argparse.ArgumentParser):
     add("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
         help="weight precision (default: %(default)s; float16 needs a GPU)")
     add("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (default: %(default)s)")
-    add("--quantize", choices=["int8"], help="int8 weights (CPU: fbgemm's int8 kernels; float32 activations): "
+    add("--quantize", choices=["int8"], help="int8 weights (CPU: fbgemm or oneDNN int8 kernels; float32 activations): "
                                             "less memory, faster decoding; quality vs float32: README")
     add("--batch-size", metavar="N", type=int, default=8, help="documents decoded together (default: %(default)s)")
     add("--original", action="store_true", help="run the checkpoint as the original PEGASUS code did: its position "

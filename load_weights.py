@@ -74,7 +74,8 @@ def read_config(ckpt: Path):
 
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: bool = True, mmap: bool = True,
-               revision: str | None = None, original: bool = False, quantize: str | None = None):
+               revision: str | None = None, original: bool = False, quantize: str | None = None,
+               step_rows: int | None = None):
     """Returns (model, tokenizer) from a checkpoint directory or a hub id such as google/pegasus-xsum
     (at `revision`: a branch, tag or commit; default main). The weights may be stored in any float
     dtype; they are converted to `dtype`.
@@ -87,7 +88,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
 
     quantize="int8" (CPU, float32 activations): every linear layer and the tied embedding / output
     head in int8 (quantize.py), quantized tensor by tensor as the checkpoint is read: the float
-    model is never built, so memory peaks near the int8 model plus one float tensor."""
+    model is never built, so memory peaks near the int8 model plus one float tensor. step_rows (int8
+    only): the hypotheses per decoding step the caller will run, a hint for the kernels
+    (quantize.quantize_model)."""
     dtype = parse_dtype(dtype)
     if quantize not in (None, "int8"):
         raise ValueError(f"unsupported quantize={quantize!r}; the only scheme is 'int8'")
@@ -107,7 +110,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         except ValueError as e:
             raise ValueError(f"{ckpt / 'config.json'}: {e}") from None
         if quantize:
-            quantize_model(model)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
+            quantize_model(model, step_rows)  # the int8 skeleton: int8 `weight` + float `scale` for each matrix
     tokenizer = None
     if with_tokenizer:  # read before the weights: a mismatch should fail fast
         tokenizer = PegasusTokenizer.from_pretrained(ckpt, newline_to_n=original)
@@ -159,7 +162,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             # Lookups read the checkpoint's float rows from the file and quantize them: packing the output
             # head can then let go of the plain int8 table (98 MB at pegasus-xsum shape; quantize.py).
             model.shared.lookup_from(table)
-        if quantize:  # fbgemm's packed layout now, once, rather than on the first forward
+        if quantize:  # the kernels' packed layouts now, once, rather than on the first forward
             pack_all(model)
     model.generation_config = generation
     model.encode_each |= dtype != torch.float32 and torch.device(device).type == "cpu"  # bf16/fp16: decoding.encode

@@ -75,6 +75,12 @@ class OneDNNLinear(Packed, torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
 
 
+def per_step(name: str) -> bool:
+    """Whether the matrix at module path `name` runs once per decoding step, on one row per hypothesis:
+    the decoder's, except cross-attention's keys/values (computed once, from every source position)."""
+    return name.startswith("decoder.") and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+
+
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
@@ -125,8 +131,7 @@ def use_onednn(model, step_rows: int | None = None):
         owner, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner)
         linear = getattr(owner, attr)
-        per_step = name.startswith("decoder.") and not name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
-        rows = 1 if per_step and step_rows == 1 else PACK_ROWS
+        rows = 1 if per_step(name) and step_rows == 1 else PACK_ROWS
         setattr(owner, attr, OneDNNLinear(linear.weight, linear.bias, rows))  # the old one freed on return
 
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:

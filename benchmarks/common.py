@@ -66,15 +66,15 @@ def load_ours(impl: str, checkpoint, step_rows: int | None = None):
     """(model, argmax) for "ours" (generate() as the tests check it, memory-mapped weights), "ours+onednn"
     (what the CLI runs for float32 on CPU: packed oneDNN matmuls, for `step_rows` hypotheses per
     decoding step as generate.load packs them, and the screened greedy argmax),
-    "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's kernels, the full argmax) or
+    "ours+int8" (what --quantize int8 runs: int8 weights, fbgemm's or oneDNN's kernels, the full argmax) or
     "ours+bf16" (what --dtype bfloat16 runs on CPU: bfloat16 weights packed for oneDNN where the CPU
     has bfloat16 kernels, and the screened greedy argmax)."""
     from load_weights import load_model
     from onednn import screened_argmax, use_onednn
     from weight_files import returning_freed_memory
 
-    if impl == "ours+int8":
-        return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8")[0], None
+    if impl == "ours+int8":  # step_rows: the kernels' choice, as generate.load makes it (quantize.quantize_model)
+        return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8", step_rows=step_rows)[0], None
     with returning_freed_memory():  # the allocator policy generate.load loads and packs under
         model, _ = load_model(checkpoint, with_tokenizer=False, dtype="bfloat16" if impl == "ours+bf16" else "float32")
         if impl in ("ours+onednn", "ours+bf16"):

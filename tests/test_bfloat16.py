@@ -26,7 +26,7 @@ import copy
 import pytest
 import torch
 from test_quantize import TOY, random_batch, random_model, spread_errors  # the int8 tests' models and measure
-from toy import texts, toy_batch, toy_inputs
+from toy import same_texts, texts, toy_batch, toy_inputs
 
 from decoding import generate
 from onednn import OneDNNLinear, PackedTiedEmbedding, bf16_supported, use_onednn
@@ -63,7 +63,7 @@ def same_rows(model, twin, **kw) -> tuple[int, torch.Tensor]:
     """How many of 48 toy sources the twin decodes to exactly float32's ids, and the twin's output."""
     ids, mask = toy_inputs(48, TOY)
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
-    return (int((ref == out).all(1).sum()) if ref.shape == out.shape else 0), out
+    return same_texts(ref, out, TOY.eos_token_id), out
 
 
 # max and mean |dlogit| / std(float32 logits) (< bound), teacher-forced top-1 agreement (> bound).
@@ -72,7 +72,8 @@ def same_rows(model, twin, **kw) -> tuple[int, torch.Tensor]:
 RANDOM = dict(max=0.08, mean=0.015, top1=0.85)
 # measured: max 0.025, mean 0.0027, top-1 1.0 (576 of 576 positions); the same without oneDNN.
 TOY_FORCED = dict(max=0.08, mean=0.008, top1=0.98)
-# measured: 47 of 48 rows greedy, 46 of 48 with beam 4, encoding each document alone as load_model's bfloat16
+# measured (Zen 4; Intel Xeon with AMX: 44 and 47): 47 of 48 rows greedy, 46 of 48 with beam 4, encoding each
+# document alone as load_model's bfloat16
 # models do (46 and 46 as one padded batch; the int8 twin: 47 and 47). Each row that differs
 # is a near-tie: greedy picks another of the four variants, beam search the other branch. Of the
 # greedy rows, ~10 have a step whose top-2 gap bfloat16 moves by 70% or more, so another CPU's
@@ -163,7 +164,9 @@ def one_hex_digit_short(model):
 
 
 # measured with one_hex_digit_short (pegasus / pegasus_x / toy): max 0.36 / 0.41 / 1.3, mean 0.078 / 0.076 /
-# 0.069, top-1 0.96 / 0.71 / 0.93; greedy 6 of 48 rows the same (beam 4: 47, not caught there). Keeping 5
+# 0.069, top-1 0.96 / 0.71 / 0.93 (Zen 4). Its generated ids are not checked: greedy gave 6 of 48 rows the same
+# on Zen 4 but 44 on an Intel Xeon (AMX), where the correct conversion gives 44 too (each CPU trains its own toy
+# model, see SAME_ROWS); the teacher-forced figures catch it on both. Keeping 5
 # mantissa bits still fails the max and mean bounds (max 0.10 / 0.098 / 0.23, mean 0.018 / 0.019 / 0.018;
 # greedy 42). The correct mask, truncating instead of rounding, passes them (max 0.041 / 0.046 / 0.053, mean
 # 0.0071 / 0.0071 / 0.0050; greedy 48), as test_quantize's whole-model bounds pass truncation.
@@ -174,8 +177,6 @@ def test_bounds_catch_a_broken_conversion(kind, request):
         broken = bf16_twin(model, one_hex_digit_short)
         figures = spread_errors(model, broken, *toy_teacher_forced())
         assert not within(figures, TOY_FORCED), figures
-        same, _ = same_rows(model, broken, num_beams=1)
-        assert same < SAME_ROWS, same
     else:
         model = random_model(kind)
         figures = spread_errors(model, bf16_twin(model, one_hex_digit_short), *random_batch())

@@ -130,9 +130,10 @@ def test_load_caches_one_model_per_packing(monkeypatch, checkpoint):
     one_row = generate.load(checkpoint, batch=1, num_beams=1)[0]
     assert one_row is not model
     assert generate.load(checkpoint, batch=1, num_beams=1)[0] is one_row
-    int8 = generate.load(checkpoint, quantize="int8")[0]  # int8 is not packed by oneDNN: no hint matters
-    assert generate.load(checkpoint, quantize="int8", batch=1, num_beams=1)[0] is int8
-    assert len(generate._LOADED) == 3
+    int8 = generate.load(checkpoint, quantize="int8")[0]  # int8's kernels follow batch x beams (quantize.py)
+    assert generate.load(checkpoint, quantize="int8")[0] is int8
+    assert generate.load(checkpoint, quantize="int8", batch=4, num_beams=8)[0] is not int8
+    assert len(generate._LOADED) == 4
 
 
 def test_summarize_keeps_order_and_truncates(monkeypatch, tokenizer, checkpoint):

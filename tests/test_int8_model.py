@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tiny_checkpoints import repository, tiny_model, tiny_spiece, write
 from toy import TOY as TOY_FIELDS
-from toy import toy_inputs, train_toy
+from toy import same_texts, toy_inputs, train_toy
 
 import generate
 from decoding import generate as decode
@@ -88,9 +88,10 @@ def test_loaded_int8_model_generates_the_float_ids(toy, kw):
     loaded, _ = load_model(path, with_tokenizer=False, quantize="int8")
     ids, mask = toy_inputs(48, TOY)
     ref, out = decode(model, ids, mask, max_new_tokens=14, **kw), decode(loaded, ids, mask, max_new_tokens=14, **kw)
-    same = int((ref == out).all(1).sum()) if ref.shape == out.shape else 0
-    # measured before decoding's liberties: 48 and 46 of 48 (tests/test_quantize.py: now 47 and 47)
-    assert same >= 45, same
+    same = same_texts(ref, out, TOY.eos_token_id)
+    # measured before decoding's liberties: 48 and 46 of 48 (Zen 4); with them, Intel Xeon (AMX): 48 and 45
+    # (the bound: see tests/test_quantize.py's toy)
+    assert same >= 42, same
 
 
 def test_int8_model_saves_as_float_and_reloads(toy, tmp_path):
@@ -235,6 +236,19 @@ def test_summarize_and_cli_with_int8(checkpoint):
     code, out, err = cli("--model", checkpoint, "--quantize", "int8", TEXT)
     assert (code, out) == (0, want[0] + "\n"), err
     assert want[0].strip()
+
+
+def test_load_hints_the_int8_kernels_with_batch_times_beams(checkpoint):
+    """generate.load (the CLI's loader) gives load_model the hypotheses per step, batch x beams, the beam width
+    read from the checkpoint when not given (quantize.quantize_model's step_rows: oneDNN's kernels on AMX)."""
+    from quantize import SOURCE_ROWS
+    net, _ = generate.load(str(checkpoint), quantize="int8", batch=3)
+    assert net.shared.rows_per_call == 3 * 2 and net.decoder.layers[0].fc1.rows_per_call == 6  # the checkpoint's 2
+    net, _ = generate.load(str(checkpoint), quantize="int8", batch=3, num_beams=8)
+    assert net.shared.rows_per_call == 24 and net.decoder.layers[0].self_attn.q_proj.rows_per_call == 24
+    assert net.encoder.layers[0].fc1.rows_per_call == net.decoder.layers[0].encoder_attn.k_proj.rows_per_call \
+        == SOURCE_ROWS
+    assert generate.load(str(checkpoint), quantize="int8")[0].shared.rows_per_call is None  # summarize(): not known
 
 
 def test_cli_refuses_int8_with_another_dtype(checkpoint):

@@ -120,6 +120,13 @@ def texts(out: torch.Tensor, eos: int = 1) -> list[tuple]:
     return [tuple(r[: r.index(eos) + 1] if eos in r else r) for r in out[:, 1:].tolist()]
 
 
+def same_texts(ref: torch.Tensor, out: torch.Tensor, eos: int = 1) -> int:
+    """How many rows of two generate() outputs for the same sources hold the same tokens (texts). Rows are
+    compared up to their first EOS: the padding after it, and the outputs' widths, may differ (beam search
+    pads with EOS, greedy with <pad>; the longest row sets the width)."""
+    return sum(a == b for a, b in zip(texts(ref, eos), texts(out, eos)))
+
+
 def relative_error(ours, ref, tol=1e-4):
     """max |d| / max |ref| of two logit tensors, asserted <= tol, and identical argmax."""
     rel = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
