@@ -70,9 +70,10 @@ weights (mkldnn._reorder_linear_weight) refuses without AVX-512 BW/VL/DQ or AVX-
 
 On Intel with AVX-512 VNNI the same fbgemm call runs 512-bit vpdpbusd kernels (one instruction per
 four multiply-adds into int32, no saturation, so reduce_range becomes False and activations keep 8
-bits); with AMX (Sapphire Rapids and later) oneDNN's int8 tile kernels are faster still for the
-many-row (encoder) matmuls, while the one-row decoding steps stay memory bound and gain mostly from
-the 4x fewer bytes either way. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
+bits); with AMX (Sapphire Rapids and later) oneDNN's int8 tile kernels are 2-4x faster than fbgemm's
+for the many-row matmuls (the encoder, beam search over a batch), so there those matrices are packed
+for oneDNN (choose_kernel, and the table in "oneDNN's kernel" below), while the one-row decoding steps
+stay memory bound and stay with fbgemm. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
 back to weight-only int8: float activations times the dequantized weight (no speed-up, the same
 memory saving at rest).
 
@@ -81,7 +82,8 @@ Memory
 fbgemm packs the int8 matrix into its own blocked layout (plus one int32 column offset per output
 channel). Keeping both the plain int8 buffer and the packed copy would cost 2 bytes a weight, so
 `Int8Linear.pack()` releases the plain buffer and `unpack()` restores it exactly from fbgemm's copy
-(torch.ops.quantized.linear_unpack); state_dict, load_state_dict and .to() unpack first, so the
+(torch.ops.quantized.linear_unpack; oneDNN's copy: its to_dense(), transposed); state_dict,
+load_state_dict and .to() unpack first, so the
 module saves, loads and moves like any other. At pegasus-xsum shape (568.7M parameters, 2.27 GB
 in float32): 470M linear weights packed (0.47 GB), the int8 embedding table (98M, 0.10 GB) and the
 int8 output head packed beside it (0.10 GB): ~0.67 GB, 0.29x of float32's weights; ~0.57 GB when
@@ -290,6 +292,11 @@ def amx_int8() -> bool:
 def onednn_pack(q: torch.Tensor) -> torch.Tensor:
     """int8 weight (out, in) -> oneDNN's blocked layout of its transpose (an opaque tensor), chosen for
     calls of ~64 rows (the layout measured fastest at 32 and 505 rows alike)."""
+    # onednn_linear makes a quantized tensor per call, and the first one in a process warns that they are
+    # deprecated (torch 2.13: once per process, from C++): have it warn here, silenced (see per_channel_qint8).
+    with _WARNINGS, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.quantize_per_tensor_dynamic(torch.zeros(1), torch.quint8, False)
     return torch.ops.onednn.qlinear_prepack(q, [64, q.size(1)])
 
 
