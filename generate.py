@@ -61,9 +61,10 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     # The hints change the model only where they mean one hypothesis per step (use_onednn's one-row packing,
     # float path), so the key keeps just that: load(batch=2) and load(batch=8) share one model. batch=1 with the
     # checkpoint's beam width (num_beams None) stays a key of its own: that width is read from the checkpoint.
-    # int8's kernels follow batch x beams, so its key keeps both.
-    rows = "any" if batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
-    rows = (batch, num_beams) if quantize is not None else rows
+    if quantize is not None:
+        rows = (batch, num_beams)  # int8's kernels follow batch x beams (quantize.quantize_model): keep both
+    else:
+        rows = "any" if batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize, rows)
     if key not in _LOADED:
         # Mapped: use_onednn packs from the page cache, each weight's pages let go as it is replaced; what the

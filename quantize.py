@@ -289,14 +289,19 @@ def amx_int8() -> bool:
         return False
 
 
-def onednn_pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 weight (out, in) -> oneDNN's blocked layout of its transpose (an opaque tensor), chosen for
-    calls of ~64 rows (the layout measured fastest at 32 and 505 rows alike)."""
-    # onednn_linear makes a quantized tensor per call, and the first one in a process warns that they are
-    # deprecated (torch 2.13: once per process, from C++): have it warn here, silenced (see per_channel_qint8).
+@functools.cache
+def quantized_tensors_warned() -> None:
+    """onednn_linear makes a quantized tensor per call, and the first one in a process warns that they are
+    deprecated (torch 2.13: once per process, from C++): have it warn here, silenced (see per_channel_qint8)."""
     with _WARNINGS, warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.quantize_per_tensor_dynamic(torch.zeros(1), torch.quint8, False)
+
+
+def onednn_pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 weight (out, in) -> oneDNN's blocked layout of its transpose (an opaque tensor), chosen for
+    calls of ~64 rows (the layout measured fastest at 32 and 505 rows alike)."""
+    quantized_tensors_warned()
     return torch.ops.onednn.qlinear_prepack(q, [64, q.size(1)])
 
 
@@ -367,10 +372,6 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         return cls.from_weight(linear.weight, linear.bias)
-
-    def packs_here(self) -> bool:
-        """Whether this module's weight gets packed where it is (a CPU with fbgemm or AMX)."""
-        return choose_kernel(self.scale, self.rows_per_call, LAYER_ONEDNN_ROWS) is not None
 
     def pack(self, kernel: str | None = None) -> "Int8Linear":
         """Move the int8 weight into a packed layout: `kernel` ("fbgemm" or "onednn"), or choose_kernel's
