@@ -376,8 +376,10 @@ class Int8Linear(nn.Module):
     def pack(self, kernel: str | None = None) -> "Int8Linear":
         """Move the int8 weight into a packed layout: `kernel` ("fbgemm" or "onednn"), or choose_kernel's
         choice (a no-op where there is none: CUDA, no fbgemm)."""
+        if self.packed is not None:  # every forward calls pack(): nothing more to decide once packed
+            return self
         kernel = kernel or choose_kernel(self.scale, self.rows_per_call, LAYER_ONEDNN_ROWS)
-        if self.packed is None and kernel is not None:
+        if kernel is not None:
             q = self.weight
             self.weight = None  # the packed copy will be the only one (see the module docstring); let go first
             if kernel == "onednn":
@@ -496,8 +498,10 @@ class Int8TiedEmbedding(Int8Embedding):
     def pack(self, kernel: str | None = None) -> "Int8TiedEmbedding":
         """Make the head's packed copy now: for `kernel`, or choose_kernel's choice (a no-op where there
         is none)."""
+        if self.packed is not None:  # every project() calls pack(): nothing more to decide once packed
+            return self
         kernel = kernel or choose_kernel(self.scale, self.rows_per_call, HEAD_ONEDNN_ROWS)
-        if self.packed is None and kernel is not None:
+        if kernel is not None:
             q = self.weight
             if self.rows is not None:
                 self.weight = None  # lookups read self.rows: the packed copy is the only int8 one
