@@ -49,15 +49,16 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     onednn.ScreenedArgmax, which summarize() passes to generate() for these models. bfloat16 on CPU
     does the same where oneDNN has fast bfloat16 kernels (onednn.bf16_supported: AVX-512 BF16 / AMX);
     elsewhere it runs PyTorch's default (slow) bfloat16 matmuls, with a one-line note. quantize="int8"
-    loads int8 weights (quantize.py; fbgemm's kernels, oneDNN's on AMX), never building the float model.
+    loads int8 weights (quantize.py; fbgemm's kernels, oneDNN's on AMX and for the head with VNNI),
+    never building the float model.
     original: see load_weights.load_model (the TF positions and "<n>" newlines).
 
     batch and num_beams: the decoding the caller will run, where it knows it (the CLI: documents per
     generate() call, and the beam width, None for the checkpoint's). With one hypothesis per step
     (greedy, one document at a time) the decoder's matmuls are packed for one row (use_onednn's
     step_rows: ~8% faster greedy on CPU), and an int8 model's kernels are chosen for batch x beams rows
-    per step (quantize.quantize_model: oneDNN's from 16 on AMX); left out, the model is packed for any
-    decoding."""
+    per step (quantize.quantize_model: oneDNN's from 16 on AMX, the head's from 16 with VNNI); left out,
+    the model is packed for any decoding."""
     # The hints change the model only where they mean one hypothesis per step (use_onednn's one-row packing,
     # float path), so the key keeps just that: load(batch=2) and load(batch=8) share one model. batch=1 with the
     # checkpoint's beam width (num_beams None) stays a key of its own: that width is read from the checkpoint.

@@ -199,7 +199,8 @@ class KVCache:
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v  # (B, H, L, Dh) each, preallocated for L positions (DecoderCache makes them)
+        self.k, self.v = k, v  # (B, H, S, Dh) each: S slots, preallocated (DecoderCache makes them)
+        self.buffers = (k, v)  # the whole allocation, L slots; k and v may view it as fewer (lay_out)
         self.length = 0  # slots filled, set by DecoderCache.advance before each step
         self.read = 0  # slots attention reads: `length`, or rounded up to a whole block (DecoderCache.advance)
 
@@ -208,14 +209,35 @@ class KVCache:
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:, :, : self.read], self.v[:, :, : self.read]  # (B, H, read, Dh)
 
+    def lay_out(self, slots: int):
+        """View the buffers as (B, H, slots, Dh), contiguous: the first B*H*slots*Dh elements of each (the
+        values in them are not moved, so this is only for buffers about to be written: reorder, move)."""
+        if self.k.size(2) != slots:
+            B, H, _, Dh = self.buffers[0].shape
+            self.k, self.v = (b.view(-1)[: B * H * slots * Dh].view(B, H, slots, Dh) for b in self.buffers)
+
     def reorder(self, idx: torch.Tensor, spare: "KVCache"):
         """Row i := row idx[i], written into `spare`'s buffers, which then trade places with ours.
         Writing into a buffer that already exists matters on the CPU: a fresh 8 MB tensor per
         layer and step (beam 8, batch 4) costs page faults that took longer than the copy itself."""
         n = self.length
+        spare.lay_out(self.k.size(2))
         torch.index_select(self.k[:, :, :n], 0, idx, out=spare.k[:, :, :n])
         torch.index_select(self.v[:, :, :n], 0, idx, out=spare.v[:, :, :n])
-        self.k, self.v, spare.k, spare.v = spare.k, spare.v, self.k, self.v
+        self.trade(spare)
+
+    def move(self, slots: int, spare: "KVCache"):
+        """The filled slots, copied into `spare`'s buffers laid out for `slots` slots, which then trade
+        places with ours (DecoderCache.advance: attention's matmuls read a contiguous cache)."""
+        n = self.length
+        spare.lay_out(slots)
+        spare.k[:, :, :n].copy_(self.k[:, :, :n])
+        spare.v[:, :, :n].copy_(self.v[:, :, :n])
+        self.trade(spare)
+
+    def trade(self, spare: "KVCache"):
+        self.k, self.v, self.buffers, spare.k, spare.v, spare.buffers = (
+            spare.k, spare.v, spare.buffers, self.k, self.v, self.buffers)
 
 
 class Attention(nn.Module):
@@ -258,11 +280,13 @@ class Attention(nn.Module):
         slow_fused = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) <= 8
         if self.use_sdpa and not self.keep_weights and not slow_fused:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, H, T, S)
+        # Scaling the queries rather than the scores: fewer numbers (T*Dh, not T*S), and with Dh = 64 the
+        # scale is 1/8, a power of two, so the scores are the same to the bit. Masks are applied in place.
+        scores = (q * (1 / math.sqrt(self.head_dim))) @ k.transpose(-2, -1)  # (B, H, T, S)
         if mask is not None and mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
         elif mask is not None:  # additive (see Pegasus.decode)
-            scores = scores + mask
+            scores += mask
         w = scores.softmax(dim=-1)
         return F.dropout(w, p, self.training) @ v, w.detach()  # (B, H, T, Dh)
 
@@ -429,6 +453,12 @@ class DecoderCache:
             raise ValueError(f"position {n - 1} is past the decoder cache's {self.max_len} slots")
         read = min(-(-n // self.block) * self.block, self.max_len)  # n rounded up to a whole block
         for c in self.self_kv:
+            if self.block > 1 and c.k.size(2) != read:
+                # Whole blocks: lay the cache out as exactly the slots read, (B, H, read, Dh) contiguous, moving the
+                # filled ones (at the first step and every `block` steps after). A view of fewer slots than the
+                # buffer holds is not contiguous, and the CPU's bfloat16 matmul copies such an operand, transposed,
+                # at every step: 1.0 ms vs 0.42 ms for 32 hypotheses reading 32 slots (Zen 4, 2 threads).
+                c.move(read, self.spare)
             c.length, c.read = n, read
         return cache_mask(input_pos, read) if len(input_pos) > 1 or read > n else None
 
@@ -569,7 +599,9 @@ class Pegasus(nn.Module):
         scores = self.shared.project(h)  # (..., V)
         if self.final_logits_bias is None:  # PEGASUS-X
             return scores
-        return scores + self.final_logits_bias[0].to(h.dtype)  # stored (1, V) as in the checkpoints; (V,) broadcasts
+        # In place: the same sums, without a second (N, V) tensor (12 MB a step for beam 8 over 4 documents).
+        # The bias is stored (1, V) as in the checkpoints; (V,) broadcasts.
+        return scores.add_(self.final_logits_bias[0].to(h.dtype))
 
     def decode(self, decoder_input_ids, encoder_out=None, attention_mask=None, *, cache: DecoderCache | None = None,
                input_pos: torch.Tensor | None = None, decoder_attention_mask=None) -> torch.Tensor:

@@ -73,7 +73,8 @@ four multiply-adds into int32, no saturation, so reduce_range becomes False and 
 bits); with AMX (Sapphire Rapids and later) oneDNN's int8 tile kernels are 2-4x faster than fbgemm's
 for the many-row matmuls (the encoder, beam search over a batch), so there those matrices are packed
 for oneDNN (choose_kernel, and the table in "oneDNN's kernel" below), while the one-row decoding steps
-stay memory bound and stay with fbgemm. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
+stay memory bound and stay with fbgemm. With AVX-512 VNNI but no AMX (AMD Zen 4) oneDNN wins only the
+output head, from 16 rows per call. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
 back to weight-only int8: float activations times the dequantized weight (no speed-up, the same
 memory saving at rest).
 
@@ -196,13 +197,15 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def choose_kernel(t: torch.Tensor, rows_per_call: int | None, onednn_from: int) -> str | None:
-    """Which library a matrix on `t`'s device is packed for: "onednn" on a CPU with AMX when each call
-    will bring at least `onednn_from` rows (see the oneDNN section below), else "fbgemm" where PyTorch has
-    it, else None (weight-only int8). rows_per_call None: not known, fbgemm."""
+def choose_kernel(t: torch.Tensor, rows_per_call: int | None, onednn_from: tuple[int | None, int | None]) -> str | None:
+    """Which library a matrix on `t`'s device is packed for: "onednn" when each call will bring at least
+    onednn_from[0] rows on a CPU with AMX, onednn_from[1] with VNNI but no AMX (see the oneDNN section
+    below), else "fbgemm" where PyTorch has it, else None (weight-only int8). rows_per_call None: not
+    known, fbgemm."""
     if t.device.type != "cpu":
         return None
-    if rows_per_call is not None and rows_per_call >= onednn_from and amx_int8():
+    start = onednn_from[0] if amx_int8() else onednn_from[1] if vnni_int8() else None
+    if rows_per_call is not None and start is not None and rows_per_call >= start:
         return "onednn"
     return "fbgemm" if fbgemm_available() else None
 
@@ -272,10 +275,15 @@ def fbgemm_reduce_range() -> bool:
 #
 # So a layer is packed for oneDNN from 16 rows per call (the encoder, cross-attention's keys/values,
 # beam search over batches), the 96103-row output head from 8 (beam 8 over one document); below that,
-# and on CPUs without AMX (where it was not measured to win), fbgemm. We call oneDNN's own int8 ops
-# (torch.ops.onednn, what PyTorch's inductor emits for int8 models), not linear_prepack with the onednn
-# engine: that keeps a second, plain int8 copy of every matrix beside the packed one.
-LAYER_ONEDNN_ROWS, HEAD_ONEDNN_ROWS = 16, 8
+# fbgemm. Without AMX but with AVX-512 VNNI (AMD Zen 4, 2 threads, medians of 15) fbgemm wins the layers
+# (32 rows: 0.11 / 0.16, 0.37 / 0.43, 0.40 / 0.48 ms; 505 rows: level) and oneDNN only the head, by
+# 8-15% from 16 rows: 8 rows 3.5-4.5 / 4.8-5.8 ms, 16 rows 7.5-8.3 / 6.8-7.4, 32 rows 11.7-13.5 / 10.8-11.9,
+# 64 rows 22.1-22.3 / 18.9-19.0. On CPUs without VNNI, fbgemm (oneDNN's uint8 x int8 sums can saturate
+# there: see the kernels' tests). We call oneDNN's own int8 ops (torch.ops.onednn, what PyTorch's
+# inductor emits for int8 models), not linear_prepack with the onednn engine: that keeps a second, plain
+# int8 copy of every matrix beside the packed one.
+# Rows per call from which a matrix is packed for oneDNN: (on a CPU with AMX, with VNNI but no AMX); None: never.
+LAYER_ONEDNN_ROWS, HEAD_ONEDNN_ROWS = (16, None), (8, 16)
 SOURCE_ROWS = 512  # the rows_per_call hint for matrices that see a whole source (quantize_model): "many"
 _ZERO_POINT = torch.zeros(1, dtype=torch.long)  # the weights' zero point: symmetric, 0 for every channel
 
@@ -285,6 +293,15 @@ def amx_int8() -> bool:
     """Whether this CPU has AMX tiles and PyTorch has oneDNN's int8 linear ops."""
     try:
         return torch.cpu._is_amx_tile_supported() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+    except (AttributeError, RuntimeError):  # an older PyTorch
+        return False
+
+
+@functools.cache
+def vnni_int8() -> bool:
+    """Whether this CPU has AVX-512 VNNI (int8 dot products into int32) and PyTorch has oneDNN's int8 linear ops."""
+    try:
+        return torch.cpu._is_vnni_supported() and hasattr(torch.ops.onednn, "qlinear_pointwise")
     except (AttributeError, RuntimeError):  # an older PyTorch
         return False
 
@@ -455,10 +472,10 @@ class Int8Embedding(nn.Module):
 class Int8TiedEmbedding(Int8Embedding):
     """The tied token embedding in int8: lookups as Int8Embedding, and `project` h (..., D) -> h @ E^T
     (..., V), the output head without its bias (Pegasus.logits adds final_logits_bias), from the same
-    int8 rows and scales. On CPU the head runs on a packed copy (fbgemm's, or oneDNN's on AMX for
-    `rows_per_call` of 8 or more: choose_kernel), made on first use and kept as a plain attribute
-    (not in state_dict: the table is saved once); loading and moving drop it, and the next project
-    packs again.
+    int8 rows and scales. On CPU the head runs on a packed copy (fbgemm's, or oneDNN's for
+    `rows_per_call` of 8 or more on AMX, 16 with VNNI alone: choose_kernel), made on first use and
+    kept as a plain attribute (not in state_dict: the table is saved once); loading and moving drop
+    it, and the next project packs again.
 
     The packed copy cannot be read a row at a time, so lookups need the plain table too: 98 MB more
     at pegasus-xsum shape, a tenth of the int8 model. Unless lookup_from gives the float table it was
@@ -586,8 +603,8 @@ def quantize_model(model: nn.Module, step_rows: int | None = None) -> nn.Module:
     step_rows: the hypotheses each decoding step will run (batch x beams), where the caller knows it
     (the CLI). It is a hint for the kernels (choose_kernel): with AMX, the decoder's per-step matrices
     are packed for oneDNN from 16 rows and the output head from 8; the encoder's, and cross-attention's
-    keys/values, which see every source position, are oneDNN's whatever step_rows is. Such a model
-    still decodes anything."""
+    keys/values, which see every source position, are oneDNN's whatever step_rows is. With VNNI but no
+    AMX only the output head is, from 16 rows. Such a model still decodes anything."""
     quantize_int8(model, step_rows)
     model.shared = Int8TiedEmbedding.from_embedding(model.shared)
     model.shared.rows_per_call = step_rows

@@ -126,23 +126,27 @@ def test_cache_is_read_in_whole_blocks_of_slots(toy):
     """bfloat16 on the CPU: decoder self-attention reads its cache in whole blocks of 16 slots (fewer
     shapes for oneDNN to build kernels for: pegasus.DecoderCache), the slots not yet filled masked
     out. Their keys poisoned with NaN change nothing, and each cached step gives the logits of
-    reading exactly the filled slots (block 1, as float32 always does)."""
+    reading exactly the filled slots (block 1, as float32 always does). Past the first block the
+    cache is laid out again, as exactly the slots read: one contiguous tensor per layer, whose
+    filled slots were moved with it (the logits of the steps after the move check that)."""
     _, twin = toy
     ids, mask = toy_inputs(1, TOY)
-    prefix = torch.tensor([[TOY.decoder_start_token_id, 5, 6, 7, 8, 9]])  # (1, 6) decoder inputs
+    prefix = torch.tensor([[TOY.decoder_start_token_id, *range(5, 24)]])  # (1, 20) decoder inputs: 2 blocks
     logits = {}
     with torch.inference_mode():
         enc = twin.encode(ids, mask)
         for block in (16, 1):
-            cache = twin.new_cache(enc, mask, n_hyps=1, max_len=20)
+            cache = twin.new_cache(enc, mask, n_hyps=1, max_len=40)
             assert cache.block == 16  # bfloat16 on the CPU
             cache.block = block
             for c in [*cache.self_kv, cache.spare]:
                 c.k.fill_(float("nan"))  # every slot: the filled ones are overwritten, the rest must be masked
             logits[block] = torch.cat([twin.logits(twin.decode(prefix[:, t: t + 1], cache=cache,
                                                                input_pos=torch.tensor([t])))[:, -1]
-                                       for t in range(prefix.size(1))]).float()  # (6, V)
-            assert (cache.self_kv[0].length, cache.self_kv[0].read) == (6, 16 if block == 16 else 6)
+                                       for t in range(prefix.size(1))]).float()  # (20, V)
+            c = cache.self_kv[0]
+            assert (c.length, c.read) == (20, 32 if block == 16 else 20)
+            assert c.k.shape[2] == (32 if block == 16 else 40) and c.k.is_contiguous() and c.v.is_contiguous()
     assert torch.isfinite(logits[16]).all()
     # measured: the same to within one bfloat16 step of the logits (~0.03 of their spread)
     assert (logits[16] - logits[1]).abs().max() <= 0.1 * logits[1].std(), (logits[16] - logits[1]).abs().max()

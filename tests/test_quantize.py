@@ -310,12 +310,13 @@ def test_toy_model_generates_the_same_ids(toy, kw):
 
 
 # ----------------------------------------------------------------------------- the kernels
-# fbgemm's everywhere, oneDNN's where the CPU has AMX and a matrix's calls bring many rows (quantize.choose_kernel).
+# fbgemm's everywhere, oneDNN's where the CPU has AMX (or VNNI, for the head) and a matrix's calls bring many rows
+# (quantize.choose_kernel).
 # oneDNN adds its uint8 x int8 products into int32 without saturating only with VNNI (every AMX CPU has it), so
 # the oneDNN kernel is run here, forced, on CPUs whose fbgemm probe finds VNNI (Zen 4 too); its choice, everywhere.
 VNNI = quantize.fbgemm_available() and not quantize.fbgemm_reduce_range()
 needs_vnni = pytest.mark.skipif(not VNNI, reason="no VNNI here (or no fbgemm): oneDNN's int8 kernel is only ever "
-                                                 "chosen on AMX CPUs, which have it")
+                                                 "chosen on CPUs with VNNI (every AMX CPU has it)")
 
 
 @needs_vnni
@@ -347,20 +348,24 @@ def same_state(a: dict, b: dict) -> bool:
 @pytest.mark.skipif(not quantize.fbgemm_available(), reason="no fbgemm: nothing is packed (weight-only int8)")
 def test_kernels_follow_the_rows_per_call(monkeypatch):
     """With AMX, oneDNN for the matrices that see a whole source (encoder, cross-attention's keys/values), and
-    for the per-step ones and the head from 16 and 8 hypotheses per step; without AMX, fbgemm everywhere."""
+    for the per-step ones and the head from 16 and 8 hypotheses per step; with VNNI but no AMX, oneDNN for the
+    head from 16; with neither, fbgemm everywhere."""
     from onednn import per_step
     model = random_model("pegasus")
-    for amx, step_rows, step_kernel, head_kernel in [(True, None, "fbgemm", "fbgemm"), (True, 1, "fbgemm", "fbgemm"),
-                                                     (True, 8, "fbgemm", "onednn"), (True, 32, "onednn", "onednn"),
-                                                     (False, 32, "fbgemm", "fbgemm")]:
+    for amx, vnni, step_rows, step_kernel, head_kernel in [
+            (True, True, None, "fbgemm", "fbgemm"), (True, True, 1, "fbgemm", "fbgemm"),
+            (True, True, 8, "fbgemm", "onednn"), (True, True, 32, "onednn", "onednn"),
+            (False, True, 8, "fbgemm", "fbgemm"), (False, True, 16, "fbgemm", "onednn"),
+            (False, False, 32, "fbgemm", "fbgemm")]:
         monkeypatch.setattr(quantize, "amx_int8", lambda amx=amx: amx)
+        monkeypatch.setattr(quantize, "vnni_int8", lambda vnni=vnni: vnni)
         q = quantize.pack_all(quantize_model(copy.deepcopy(model), step_rows))
         kernels = {name: m.kernel for name, m in q.named_modules() if isinstance(m, Int8Linear)}
         whole = {n for n in kernels if not per_step(n)}
         assert len(whole) == 2 * 6 + 2 * 2 and "decoder.layers.1.encoder_attn.v_proj" in whole  # SMALL: 2 + 2 layers
-        assert {kernels[n] for n in whole} == {"onednn" if amx else "fbgemm"}, (amx, step_rows)
-        assert {k for n, k in kernels.items() if n not in whole} == {step_kernel}, (amx, step_rows)
-        assert q.shared.kernel == head_kernel, (amx, step_rows)
+        assert {kernels[n] for n in whole} == {"onednn" if amx else "fbgemm"}, (amx, vnni, step_rows)
+        assert {k for n, k in kernels.items() if n not in whole} == {step_kernel}, (amx, vnni, step_rows)
+        assert q.shared.kernel == head_kernel, (amx, vnni, step_rows)
 
 
 @needs_vnni
@@ -370,8 +375,9 @@ def test_onednn_kernels_generate_fbgemms_ids(toy, kw, monkeypatch):
     model, _ = toy
     ids, mask = toy_inputs(48, TOY)
     out = {}
-    for amx in (False, True):
+    for amx in (False, True):  # every matrix on fbgemm's kernel (neither AMX nor VNNI), then on oneDNN's
         monkeypatch.setattr(quantize, "amx_int8", lambda amx=amx: amx)
+        monkeypatch.setattr(quantize, "vnni_int8", lambda amx=amx: amx)
         twin = quantize.pack_all(quantize_model(copy.deepcopy(model), step_rows=64))
         assert twin.shared.kernel == ("onednn" if amx else "fbgemm")
         out[amx] = generate(twin, ids, mask, max_new_tokens=14, **kw)
