@@ -288,22 +288,24 @@ SOURCE_ROWS = 512  # the rows_per_call hint for matrices that see a whole source
 _ZERO_POINT = torch.zeros(1, dtype=torch.long)  # the weights' zero point: symmetric, 0 for every channel
 
 
-@functools.cache
-def amx_int8() -> bool:
-    """Whether this CPU has AMX tiles and PyTorch has oneDNN's int8 linear ops."""
+def cpu_and_onednn_int8(cpu_has) -> bool:
+    """Whether cpu_has() (one of torch.cpu's instruction-set checks) and PyTorch has oneDNN's int8 linear ops."""
     try:
-        return torch.cpu._is_amx_tile_supported() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+        return cpu_has() and hasattr(torch.ops.onednn, "qlinear_pointwise")
     except (AttributeError, RuntimeError):  # an older PyTorch
         return False
+
+
+@functools.cache
+def amx_int8() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later), and oneDNN's int8 ops."""
+    return cpu_and_onednn_int8(lambda: torch.cpu._is_amx_tile_supported())
 
 
 @functools.cache
 def vnni_int8() -> bool:
-    """Whether this CPU has AVX-512 VNNI (int8 dot products into int32) and PyTorch has oneDNN's int8 linear ops."""
-    try:
-        return torch.cpu._is_vnni_supported() and hasattr(torch.ops.onednn, "qlinear_pointwise")
-    except (AttributeError, RuntimeError):  # an older PyTorch
-        return False
+    """AVX-512 VNNI (int8 dot products into int32; AMD Zen 4, Intel since Cascade Lake), and oneDNN's int8 ops."""
+    return cpu_and_onednn_int8(lambda: torch.cpu._is_vnni_supported())
 
 
 @functools.cache
