@@ -217,25 +217,22 @@ class KVCache:
             self.k, self.v = (b.view(-1)[: B * H * slots * Dh].view(B, H, slots, Dh) for b in self.buffers)
 
     def reorder(self, idx: torch.Tensor, spare: "KVCache"):
-        """Row i := row idx[i], written into `spare`'s buffers, which then trade places with ours.
-        Writing into a buffer that already exists matters on the CPU: a fresh 8 MB tensor per
-        layer and step (beam 8, batch 4) costs page faults that took longer than the copy itself."""
-        n = self.length
-        spare.lay_out(self.k.size(2))
-        torch.index_select(self.k[:, :, :n], 0, idx, out=spare.k[:, :, :n])
-        torch.index_select(self.v[:, :, :n], 0, idx, out=spare.v[:, :, :n])
-        self.trade(spare)
+        """Beam search: row i := row idx[i] (move, in the same layout)."""
+        self.move(self.k.size(2), spare, idx)
 
-    def move(self, slots: int, spare: "KVCache"):
-        """The filled slots, copied into `spare`'s buffers laid out for `slots` slots, which then trade
-        places with ours (DecoderCache.advance: attention's matmuls read a contiguous cache)."""
+    def move(self, slots: int, spare: "KVCache", idx: torch.Tensor | None = None):
+        """The filled slots (rows reordered, row i := row idx[i], where idx is given), written into `spare`'s
+        buffers laid out for `slots` slots, which then trade places with ours (DecoderCache.advance lays the
+        cache out anew: attention's matmuls read it contiguous). Writing into a buffer that already exists
+        matters on the CPU: a fresh 8 MB tensor per layer and step (beam 8, batch 4) costs page faults that
+        took longer than the copy itself."""
         n = self.length
         spare.lay_out(slots)
-        spare.k[:, :, :n].copy_(self.k[:, :, :n])
-        spare.v[:, :, :n].copy_(self.v[:, :, :n])
-        self.trade(spare)
-
-    def trade(self, spare: "KVCache"):
+        for src, dst in ((self.k, spare.k), (self.v, spare.v)):
+            if idx is None:
+                dst[:, :, :n].copy_(src[:, :, :n])
+            else:
+                torch.index_select(src[:, :, :n], 0, idx, out=dst[:, :, :n])
         self.k, self.v, self.buffers, spare.k, spare.v, spare.buffers = (
             spare.k, spare.v, spare.buffers, self.k, self.v, self.buffers)
 

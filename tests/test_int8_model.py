@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tiny_checkpoints import repository, tiny_model, tiny_spiece, write
 from toy import TOY as TOY_FIELDS
-from toy import same_texts, toy_inputs, train_toy
+from toy import same_state, same_texts, toy_inputs, train_toy
 
 import generate
 import quantize
@@ -41,10 +41,6 @@ def toy(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy")
     save_model(model, path)
     return model, path
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loading_int8_equals_quantizing_the_float_model(toy):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from toy import TOY as TOY_FIELDS
-from toy import pad_batch, same_texts, toy_batch, toy_inputs
+from toy import pad_batch, same_state, same_texts, toy_batch, toy_inputs
 
 import quantize
 from decoding import encode
@@ -339,10 +339,6 @@ def test_onednn_kernel_computes_what_fbgemm_does():
     torch.testing.assert_close(heads[1].project(h), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     assert heads[1].weight is None
     assert same_state(heads[1].state_dict(), Int8TiedEmbedding.from_weight(table).state_dict())
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.skipif(not quantize.fbgemm_available(), reason="no fbgemm: nothing is packed (weight-only int8)")

@@ -127,6 +127,11 @@ def same_texts(ref: torch.Tensor, out: torch.Tensor, eos: int = 1) -> int:
     return sum(a == b for a, b in zip(texts(ref, eos), texts(out, eos)))
 
 
+def same_state(a: dict, b: dict) -> bool:
+    """Two state dicts with the same names, in the same order, and equal tensors."""
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def relative_error(ours, ref, tol=1e-4):
     """max |d| / max |ref| of two logit tensors, asserted <= tol, and identical argmax."""
     rel = ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
