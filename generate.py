@@ -27,10 +27,10 @@ from decoding import DecodingOptions, generate
 from distributed import setup_distributed
 from hub import resolve
 from load_weights import generation_config, load_model, read_config
+from memory import returning_freed_memory
 from onednn import bf16_supported, screened_argmax, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from tokenizer import n_to_newline
-from weight_files import returning_freed_memory
 
 __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 

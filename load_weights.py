@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from hub import resolve
+from memory import returning_freed_memory
 from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
 from quantize import float_state_dict, pack_all, quantize_model, quantize_weight
 from tokenizer import PegasusTokenizer
-from weight_files import Rows, iter_tensors, returning_freed_memory
+from weight_files import Rows, iter_tensors
 
 # Keys the reference stores but we derive: tied copies of `shared` and the fixed position tables.
 TIED = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")

@@ -153,7 +153,7 @@ from onednn import bf16_supported, per_step
 
 # quantize_weight works on blocks of rows of at most this many floats (512 KB): no full float temporary
 # of a big matrix (the 96103 x 1024 embedding), and blocks small enough that the allocator hands the
-# same memory back for the next one (weight_files.returning_freed_memory sets glibc's mmap threshold
+# same memory back for the next one (memory.returning_freed_memory sets glibc's mmap threshold
 # to 1 MB while loading; a bigger block would be a fresh mapping each time, a page fault per 4 KB).
 CHUNK_ELEMENTS = 2**17
 

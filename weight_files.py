@@ -5,15 +5,14 @@
 - read into ordinary memory (pread), tensor by tensor;
 - a matrix a block of rows at a time (Rows), for the int8 loader, which never holds a float matrix.
 
-load_weights.load_model decides which; this module only reads. returning_freed_memory is the
-allocator setting that keeps memory low while a loader converts and frees tensor after tensor.
+load_weights.load_model decides which; this module only reads (memory.returning_freed_memory is the
+allocator setting that keeps memory low while a loader converts and frees tensor after tensor).
 """
 
 import json
 import mmap
 import threading
 import weakref
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -215,43 +214,3 @@ def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
                         yield name, tensors.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
-
-
-_RETURNING = 0  # how many returning_freed_memory blocks are open (they nest: generate.load wraps load_model)
-
-
-@contextmanager
-def returning_freed_memory():
-    """Inside the block, glibc's malloc gives every large freed block straight back to the system
-    (Linux; elsewhere nothing happens). Loading without mmap allocates a float tensor, converts it
-    (int8, or oneDNN's packed copy) and frees it, hundreds of times. By default glibc raises its mmap
-    threshold to the size of the largest block freed so far (up to 32 MB), after which such blocks
-    come from the heap, where freed ones between live ones are kept, not returned: measured at
-    pegasus-xsum shape, the int8 load then ended at 1.75 GB resident instead of 0.85 GB. A fixed
-    threshold (M_MMAP_THRESHOLD, option -3) of 1 MB gives each large tensor its own mapping,
-    released when it is freed.
-
-    After the block the thresholds go to the ceilings glibc's own rule reaches (mmap 32 MB, trim
-    64 MB; a fixed setting cannot be undone): left at 1 MB, every activation over 1 MB that
-    decoding allocates would be a fresh mapping, zero-filled a page at a time (measured on this
-    project's AVX2 EPYC, 2 threads: the PEGASUS-X encoder at 4,096 tokens in int8, ~6.1 s -> ~5.2 s).
-    Then malloc_trim(0) gives back what the heap still keeps of the blocks freed between live ones
-    (int8 at pegasus-xsum shape: 0.87 -> 0.81 GiB resident after loading; Zen 4)."""
-    import ctypes
-    global _RETURNING
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc: its allocator has its own policy
-        mallopt = malloc_trim = lambda *args: None  # noqa: E731
-    if _RETURNING == 0:
-        mallopt(-3, 1 << 20)
-    _RETURNING += 1
-    try:
-        yield
-    finally:
-        _RETURNING -= 1
-        if _RETURNING == 0:
-            mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-            mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-            malloc_trim(0)  # the small blocks freed while loading, kept in the heap between live ones: back too

@@ -295,15 +295,15 @@ def test_evaluate_with_int8(checkpoint, tmp_path, capsys):
 
 
 def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
-    """load_model's 1 MB mmap threshold (weight_files.returning_freed_memory) holds only while loading:
+    """load_model's 1 MB mmap threshold (memory.returning_freed_memory) holds only while loading:
     the blocks nest (generate.load wraps load_model and the oneDNN conversion), and the outermost one
     ends it, after a failed load too."""
-    import weight_files
+    import memory
     _, path = toy
-    with weight_files.returning_freed_memory():
+    with memory.returning_freed_memory():
         load_model(path, with_tokenizer=False, quantize="int8")
-        assert weight_files._RETURNING == 1  # still inside the outer block
-    assert weight_files._RETURNING == 0
+        assert memory._RETURNING == 1  # still inside the outer block
+    assert memory._RETURNING == 0
     import shutil
 
     from safetensors.torch import save_file
@@ -311,7 +311,7 @@ def test_the_loading_allocator_policy_ends_with_the_load(toy, tmp_path):
     save_file({"bogus": torch.zeros(2)}, bad / "model.safetensors")  # refused while reading the tensors
     with pytest.raises(ValueError, match="unexpected tensor 'bogus'"):
         load_model(bad, with_tokenizer=False, quantize="int8")
-    assert weight_files._RETURNING == 0
+    assert memory._RETURNING == 0
 
 
 def test_the_loading_allocator_policy_gives_the_heap_back_at_the_end(monkeypatch):
@@ -320,7 +320,7 @@ def test_the_loading_allocator_policy_gives_the_heap_back_at_the_end(monkeypatch
     0.81 GiB resident after loading, with lookup_from). The calls are recorded from a stand-in libc."""
     import ctypes
 
-    import weight_files
+    import memory
     calls = []
 
     class LibC:
@@ -328,8 +328,8 @@ def test_the_loading_allocator_policy_gives_the_heap_back_at_the_end(monkeypatch
         malloc_trim = staticmethod(lambda pad: calls.append(("malloc_trim", pad)))
 
     monkeypatch.setattr(ctypes, "CDLL", lambda name: LibC())
-    with weight_files.returning_freed_memory():
-        with weight_files.returning_freed_memory():
+    with memory.returning_freed_memory():
+        with memory.returning_freed_memory():
             pass
         assert calls == [("mallopt", -3, 1 << 20)]  # the inner block's end changes nothing
     assert calls[1:] == [("mallopt", -3, 32 << 20), ("mallopt", -1, 64 << 20), ("malloc_trim", 0)]
