@@ -391,7 +391,7 @@ def new_cache(model, encoder_out: torch.Tensor, attention_mask: torch.Tensor | N
     one large block of its own mapping and a decoding step needs a fraction of that: kept, they sat
     beside the cache at the process's peak. Measured at pegasus-xsum shape, int8, one process (Zen 4,
     2 threads, MiB): beam 8 over 4 documents peaked at 1,231-1,244 without, 1,129-1,153 with (only after
-    the cache: 1,214-1,226); greedy 940-952 without, 895-905 with. The same arithmetic either way."""
+    the cache: 1,214-1,226); greedy 940-942 without, 895-905 with. The same arithmetic either way."""
     give_back_freed_memory()
     cache = model.new_cache(encoder_out, attention_mask, n_hyps, max_len)
     give_back_freed_memory()
