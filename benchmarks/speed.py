@@ -187,6 +187,8 @@ def main():
                     else "DIFFERENT"
                 print(f"{case:<10} {impl:<17} {res['seconds']:8.2f} {n_tokens / res['seconds']:9.1f} "
                       f"{res['peak_rss'] / 2**20:7.2f} G {ratio} {vs_ct2}  {same}")
+            for line in target_lines({impl: median(runs[impl]) for impl in impls if runs[impl]}):
+                print(f"{case:<10} {line}")
         if args.first_summary:
             from benchmarks.first_summary import bench_first_summary
             bench_first_summary(ckpt, args.threads, args.rounds)
@@ -198,6 +200,24 @@ def main():
 CT2_IMPLS = ["ctranslate2", "ctranslate2-int8"]
 CT2_PEER = {"ours": "ctranslate2", "ours+onednn": "ctranslate2", "ours+int8": "ctranslate2-int8",
             "ours+bf16": "ctranslate2"}
+
+
+# The issue's targets for each case: (ours, against, what is compared, at most).
+TARGETS = [("ours+int8", "ctranslate2-int8", "seconds", 0.8), ("ours+onednn", "ctranslate2", "seconds", 1.0),
+           ("ours+int8", "ours+onednn", "peak_rss", 1 / 3), ("ours+bf16", "ours+onednn", "peak_rss", 0.6)]
+
+
+def target_lines(results: dict[str, dict]) -> list[str]:
+    """One line for each target whose two implementations ran (results: implementation -> its median
+    run): the ratio, the bound and whether the ratio is within it."""
+    lines = []
+    for ours, other, measure, bound in TARGETS:
+        if results.get(ours) and results.get(other):
+            ratio = results[ours][measure] / results[other][measure]
+            what = "time" if measure == "seconds" else "peak RSS"
+            lines.append(f"target: {ours} / {other} {what} {ratio:.2f}, at most {bound:.2f}: "
+                         f"{'met' if ratio <= bound else 'NOT met'}")
+    return lines
 
 
 def cpu_model() -> str:
