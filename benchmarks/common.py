@@ -34,6 +34,11 @@ def huge_pages() -> str:
     return f"transparent huge pages: {mode}" + (f", THP_MEM_ALLOC_ENABLE={setting}" if setting is not None else "")
 
 
+def verdict(ratio: float, bound: float) -> str:
+    """How a measured ratio stands against one of the issue's targets (at most `bound`)."""
+    return f"at most {bound:.2f}: {'met' if ratio <= bound else 'NOT met'}"
+
+
 def spawn(module: str, **kwargs) -> dict:
     """Run benchmarks/<module>.py's worker in a fresh process; its result, or RuntimeError with its last error line."""
     cmd = [sys.executable, "-m", f"benchmarks.{module}", "--worker", json.dumps(kwargs)]

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT
+from benchmarks.common import ROOT, verdict
 
 REFERENCE = """
 import sys, transformers
@@ -91,11 +91,11 @@ def bench_first_summary(ckpt: Path, threads: int, rounds: int = 1, article: str 
             continue
         seconds, peak, _ = sorted(runs)[len(runs) // 2]
         ratio = f"{seconds / ref[0]:.2f}x" if ref else "n/a"
-        verdict = ""
+        target = ""
         if ref and name != "transformers":  # the issue's target, every precision: at most half of transformers' time
-            verdict = f"   target at most 0.50x: {'met' if seconds <= 0.5 * ref[0] else 'NOT met'}"
+            target = f"   target {verdict(seconds / ref[0], 0.5)}"
         print(f"  {name:<16} {seconds:7.1f} s  {ratio:>6} transformers   peak RSS {max(r[1] for r in runs):5.2f} G"
-              + verdict)
+              + target)
 
 
 def main():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn
+from benchmarks.common import IMPLS, build_checkpoint, load_ours, serve, spawn, verdict
 
 SHAPE = "google/pegasus-x-base"
 
@@ -105,9 +105,9 @@ def summarize(rows: list):
         if ours and ref:
             greedy = ours['generate_s'] / ref['generate_s']
             # the issue's target: the int8 path (encoder and decoding) at most half transformers' float32 time
-            verdict = f"; target at most 0.50x: {'met' if greedy <= 0.5 else 'NOT met'}" if impl == "ours+int8" else ""
+            target = f"; target {verdict(greedy, 0.5)}" if impl == "ours+int8" else ""
             print(f"{n:>6} tokens, {impl} / reference: encoder {ours['encoder_s'] / ref['encoder_s']:.2f}x, "
-                  f"greedy {greedy:.2f}x, peak RSS {ours['peak_gb'] / ref['peak_gb']:.2f}x" + verdict)
+                  f"greedy {greedy:.2f}x, peak RSS {ours['peak_gb'] / ref['peak_gb']:.2f}x" + target)
     for impl in (*IMPLS, "reference"):
         if len(lengths) > 1 and all((impl, n) in cell for n in lengths):
             a, b = cell[(impl, lengths[0])], cell[(impl, lengths[-1])]

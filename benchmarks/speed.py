@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import IMPLS, build_checkpoint, huge_pages, load_ours, peak_rss, serve, spawn
+from benchmarks.common import IMPLS, build_checkpoint, huge_pages, load_ours, peak_rss, serve, spawn, verdict
 
 CASES = {"beam8_b1": (8, 1), "greedy_b1": (1, 1), "beam8_b4": (8, 4)}  # name -> (num_beams, batch size)
 NEW_TOKENS = 64
@@ -215,8 +215,7 @@ def target_lines(results: dict[str, dict]) -> list[str]:
         if results.get(ours) and results.get(other):
             ratio = results[ours][measure] / results[other][measure]
             what = "time" if measure == "seconds" else "peak RSS"
-            lines.append(f"target: {ours} / {other} {what} {ratio:.2f}, at most {bound:.2f}: "
-                         f"{'met' if ratio <= bound else 'NOT met'}")
+            lines.append(f"target: {ours} / {other} {what} {ratio:.2f}, {verdict(ratio, bound)}")
     return lines
 
 
