@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from memory import give_back_freed_memory
 
@@ -127,6 +126,13 @@ def constrain(scores: torch.Tensor, seqs: torch.Tensor, t: int, o: DecodingOptio
     return scores
 
 
+def log_softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, written over `scores` (N, V), fresh logits the caller owns: the
+    same kernel as F.log_softmax, so the same values, without a second (N, V) tensor. For beam 8 over 4
+    documents that is 12 MB less at every step (the search's peak) and no fresh 12 MB to fault in."""
+    return torch.log_softmax(scores, dim=-1, out=scores)
+
+
 def warp(scores: torch.Tensor, o: DecodingOptions) -> torch.Tensor:
     """Sampling's filters: temperature, then top-k, then top-p (the reference's order)."""
     if o.temperature != 1.0:
@@ -211,7 +217,7 @@ class BeamSearch:
 
     def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int) -> tuple[bool, torch.Tensor]:
         o, B, K = self.o, self.B, self.width
-        logprobs = constrain(F.log_softmax(model.logits(h).float(), dim=-1), seqs, t, o, self.tok)  # (B*K, V)
+        logprobs = constrain(log_softmax_(model.logits(h).float()), seqs, t, o, self.tok)  # (B*K, V)
         # 2K candidates: even if K of them end here, K remain to carry on. The reference ranks all K*V
         # continuations of a document at once; adding a beam's score keeps the order of its own
         # tokens, so the best 2K overall are among each beam's best 2K: rank those K*2K instead
@@ -321,9 +327,9 @@ class OriginalBeamSearch:
 
     def step(self, model, h: torch.Tensor, seqs: torch.Tensor, t: int) -> tuple[bool, torch.Tensor]:
         o, B, K = self.o, self.B, self.width
-        logprobs = F.log_softmax(model.logits(h).float(), dim=-1)  # (B*K, V), no logits processors
+        logprobs = log_softmax_(model.logits(h).float())  # (B*K, V), no logits processors
         V = logprobs.size(-1)
-        total = (logprobs.view(B, K, V) + self.scores[:, :, None]).view(B, K * V)  # (B, K*V)
+        total = logprobs.view(B, K, V).add_(self.scores[:, :, None]).view(B, K * V)  # (B, K*V), in place too
         top, idx = total.topk(2 * K)  # (B, 2K) best first (l. 116)
         parent = self.first_row + idx // V  # (B, 2K)
         cand = seqs[parent]  # (B, 2K, L)

@@ -14,6 +14,7 @@ Viterbi) -> +103 -> append </s> (no BOS). The reference is Hugging Face's PEGASU
 import base64
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,6 +23,26 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 OFFSET = 103  # reserved ids in front of the SentencePiece ids
 SPECIAL_TOKENS = ["<pad>", "</s>", "<mask_1>", "<mask_2>"] + [f"<unk_{i}>" for i in range(2, OFFSET)]
+
+
+class Pieces(Sequence):
+    """id -> its token's string (what the reference's convert_ids_to_tokens gives), read from SentencePiece
+    when asked: indexed like the list of all 96,103, without holding them (that list took 10 MB of every
+    process). Ids below OFFSET + 2 are the reserved names; SentencePiece id j is id j + OFFSET."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, newline_id: int | None = None):
+        self.sp, self.newline_id = sp, newline_id  # newline_to_n: "<n>" decodes to "\n"
+
+    def __len__(self) -> int:
+        return OFFSET + self.sp.get_piece_size()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        i = range(len(self))[i]  # an id (negative ones count from the end); IndexError / TypeError as a list's
+        if i == self.newline_id:
+            return "\n"
+        return SPECIAL_TOKENS[i] if i < len(SPECIAL_TOKENS) else self.sp.id_to_piece(i - OFFSET)
 
 
 class PegasusTokenizer:
@@ -40,9 +61,7 @@ class PegasusTokenizer:
         self.newline_id = OFFSET + sp.piece_to_id("<n>")  # 106
         # id -> token string for decoding, in the reference's order: the 105 special strings, then
         # SentencePiece's pieces from its <unk> on (its <pad>, </s> already are ids 0 and 1).
-        self.id_to_token = SPECIAL_TOKENS + sp.id_to_piece(list(range(2, sp.get_piece_size())))
-        if newline_to_n:
-            self.id_to_token[self.newline_id] = "\n"
+        self.id_to_token = Pieces(sp, self.newline_id if newline_to_n else None)  # tok.id_to_token[i]: its string
         # Special strings are cut out before SentencePiece sees the text, as in the reference (which
         # counts <unk> as special too). Longest first; the (group) makes re.split keep the matches.
         self.specials = {s: i for i, s in enumerate(SPECIAL_TOKENS)} | {"<unk>": self.unk_token_id}

@@ -5,6 +5,9 @@
 - read into ordinary memory (pread), tensor by tensor;
 - a matrix a block of rows at a time (Rows), for the int8 loader, which never holds a float matrix.
 
+A .bin in the zip format (torch 1.6 and later) is read the same three ways: bin_layout finds where
+each of its tensors lies in the file. One in the legacy format is read whole into memory.
+
 load_weights.load_model decides which; this module only reads (memory.returning_freed_memory is the
 allocator setting that keeps memory low while a loader converts and frees tensor after tensor).
 """
@@ -53,29 +56,99 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def mapped_tensors(file: Path):
-    """(name, tensor) for every tensor of a safetensors file, each a view of one copy-on-write memory
-    map of the file: nothing is read until a tensor is used, and then straight from the page cache
-    (no copy; writing to a tensor never changes the file). Each tensor lets go of its own pages when
-    it is freed (madvise DONTNEED), so a converter that replaces the weights one by one
-    (onednn.use_onednn packs each into a new layout) never holds the file's pages beside its copies:
-    measured at pegasus-xsum shape, this loads and packs in 2.2 s on one core where reading every
-    tensor into fresh memory first took 4.1 s (1.5 s of that was page faults on the fresh memory)."""
+def safetensors_layout(file: Path) -> list[tuple[str, int, int, list[int], torch.dtype]]:
+    """(name, first byte, end byte, shape, dtype) of every tensor of a safetensors file, from its header."""
     header, begin = Rows.header(file)
     header.pop("__metadata__", None)
+    return [(name, begin + info["data_offsets"][0], begin + info["data_offsets"][1], info["shape"],
+             SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)) for name, info in header.items()]
+
+
+def bin_layout(file: Path) -> list[tuple[str, int, int, list[int], torch.dtype]] | None:
+    """(name, first byte, end byte, shape, dtype) of every tensor of a zip-format torch checkpoint (torch
+    1.6 and later), so that it is read as a safetensors file is: memory-mapped views that let go of their
+    pages, or Rows. None where the tensors cannot be placed so: the legacy format (one pickle stream),
+    a tensor that is not one contiguous run of bytes, or two that share some bytes but not all.
+
+    The zip holds each storage as one uncompressed record. torch.load(mmap=True) maps the whole file once
+    and makes each storage the slice of the map at its record's offset, reading no tensor's bytes: a
+    tensor's address minus the map's start is its place in the file. The start is found by pairing the
+    storages, in address order, with the data records, in file order, and is checked: every pair must give
+    the same start and the same size. Tied names (the published pegasus-xsum's embedding, its encoder's
+    and decoder's copies and lm_head: one storage) come out as the same bytes, read once."""
+    import struct
+    import zipfile
+    if not zipfile.is_zipfile(file):
+        return None
+    state = read_bin(file, mmap=True)  # refuses what is not a weights-only state dict
+    with open(file, "rb") as f, zipfile.ZipFile(f) as z:
+        records = []  # (offset, size) of each storage's bytes, "<archive>/data/<key>"
+        for info in z.infolist():
+            if info.filename.split("/")[-2:-1] == ["data"] and info.file_size:
+                if info.compress_type != zipfile.ZIP_STORED:
+                    return None
+                f.seek(info.header_offset + 26)  # the local header's name and extra field lengths
+                name_len, extra_len = struct.unpack("<HH", f.read(4))
+                records.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
+    storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                       for t in state.values() if t.untyped_storage().nbytes()})
+    starts = {address - offset for (address, n), (offset, size) in zip(storages, sorted(records)) if n == size}
+    if len(storages) != len(records) or len(starts) != 1 or len(storages) != sum(
+            n == size for (_, n), (_, size) in zip(storages, sorted(records))):
+        return None
+    start, entries, spans = starts.pop(), [], {}
+    for name, t in state.items():
+        if not t.numel():
+            entries.append((name, 0, 0, list(t.shape), t.dtype))
+            continue
+        if not t.is_contiguous():
+            return None
+        first = t.data_ptr() - start
+        entries.append((name, first, first + t.numel() * t.element_size(), list(t.shape), t.dtype))
+        if spans.setdefault(entries[-1][1:3], entries[-1][3:]) != entries[-1][3:]:
+            return None  # the same bytes as two shapes or dtypes
+    ordered = sorted(spans)
+    if any(b[0] < a[1] for a, b in zip(ordered, ordered[1:])):
+        return None  # overlapping views: freeing one would let go of pages the other still reads
+    return entries
+
+
+def mapped_tensors(file: Path, entries: list | None = None):
+    """(name, tensor) for every tensor of a weight file (`entries` as safetensors_layout gives them, by
+    default that file's header), each a view of one copy-on-write memory map of the file: nothing is
+    read until a tensor is used, and then straight from the page cache (no copy; writing to a tensor
+    never changes the file). Each tensor lets go of its own pages when it is freed (madvise DONTNEED),
+    so a converter that replaces the weights one by one (onednn.use_onednn packs each into a new layout)
+    never holds the file's pages beside its copies: measured at pegasus-xsum shape, this loads and packs
+    in 2.2 s on one core where reading every tensor into fresh memory first took 4.1 s (1.5 s of that
+    was page faults on the fresh memory). Names of the same bytes (tied weights in a .bin) get the same
+    tensor, whose pages go when the last of them is freed."""
+    entries = safetensors_layout(file) if entries is None else entries
     with open(file, "rb") as f:
         whole = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))  # the map outlives the file handle
-    for name, info in header.items():
-        first, last = (begin + offset for offset in info["data_offsets"])
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
+    made = weakref.WeakValueDictionary()  # (first, last) -> the tensor of those bytes, while it lives
+    for name, first, last, shape, dtype in entries:
         if last == first:  # frombuffer refuses an empty buffer
-            yield name, torch.empty(info["shape"], dtype=dtype)
+            yield name, torch.empty(shape, dtype=dtype)
             continue
-        view = whole[first:last]
-        pages = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, last // mmap.PAGESIZE * mmap.PAGESIZE  # wholly its own
-        if pages[1] > pages[0] and hasattr(whole.obj, "madvise"):  # not on Windows
-            weakref.finalize(view, whole.obj.madvise, mmap.MADV_DONTNEED, pages[0], pages[1] - pages[0]).atexit = False
-        yield name, torch.frombuffer(view, dtype=dtype).view(info["shape"])  # the tensor holds `view`
+        tensor = made.get((first, last))
+        if tensor is None:
+            view = whole[first:last]
+            lo, hi = -(-first // mmap.PAGESIZE) * mmap.PAGESIZE, last // mmap.PAGESIZE * mmap.PAGESIZE  # wholly its own
+            if hi > lo and hasattr(whole.obj, "madvise"):  # not on Windows
+                weakref.finalize(view, whole.obj.madvise, mmap.MADV_DONTNEED, lo, hi - lo).atexit = False
+            tensor = made[first, last] = torch.frombuffer(view, dtype=dtype).view(shape)  # the tensor holds `view`
+        yield name, tensor
+
+
+def same_bytes(a, b) -> bool:
+    """Whether two tensors as iter_tensors gives them (tensors or Rows) are the same bytes: tied names of a
+    .bin checkpoint share one storage, so a tied copy needs no comparing with its original."""
+    if isinstance(a, Rows) or isinstance(b, Rows):
+        return isinstance(a, Rows) and isinstance(b, Rows) and (a.file, a.start, a.shape, a.dtype) == (
+            b.file, b.start, b.shape, b.dtype)
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
 
 
 class _ReadBuffer(threading.local):
@@ -86,19 +159,19 @@ _READS = _ReadBuffer()
 
 
 class Rows:
-    """A 2-D tensor of a safetensors file, read a block of rows at a time (straight from its offset in
-    the file into the block's memory): quantize.quantize_weight needs only its shape and row slices,
+    """A 2-D tensor of a weight file (safetensors, or a zip .bin: bin_layout), read a block of rows at a
+    time (straight from its offset in the file into the block's memory): quantize.quantize_weight needs
+    only its shape and row slices,
     so the int8 path never holds a whole float matrix (394 MB for the embedding table at pegasus-xsum
     shape), and its small blocks reuse memory the allocator already has, where a fresh full tensor
     costs a page fault per 4 KB. (safetensors' own get_slice reads the whole tensor first.) The
-    format: an 8-byte little-endian header length, a JSON header with each tensor's dtype, shape and
-    byte range after the header, then the bytes."""
+    safetensors format: an 8-byte little-endian header length, a JSON header with each tensor's dtype,
+    shape and byte range after the header, then the bytes."""
 
     device = torch.device("cpu")
 
-    def __init__(self, file: Path, start: int, shape: list[int], dtype: str):
-        self.file, self.start, self.shape = file, start, torch.Size(shape)
-        self.dtype = SAFETENSORS_DTYPES.get(dtype, torch.uint8)  # not a float: refused by the caller
+    def __init__(self, file: Path, start: int, shape: list[int], dtype: torch.dtype):
+        self.file, self.start, self.shape, self.dtype = file, start, torch.Size(shape), dtype
 
     @staticmethod
     def header(file: Path) -> tuple[dict, int]:
@@ -155,7 +228,7 @@ class Rows:
 
 
 class RowReader:
-    """Rows of a safetensors matrix read by index, each with one read from a file kept open: only
+    """Rows of a weight file's matrix read by index, each with one read from a file kept open: only
     the rows asked for are copied, and a file later saved over the checkpoint (a new inode,
     load_weights.save_model) leaves these reads on the old one. Not a memory map: a page fault maps
     the pages around the one it needs too (fault-around, readahead), and the ~300 rows of one
@@ -184,33 +257,46 @@ class RowReader:
 
 
 def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
-    """(name, tensor) for every tensor of a checkpoint, one at a time. Without mmap a safetensors
-    tensor is read (pread) only when its turn comes, so a caller that converts each one and drops it
-    (load_model's int8 path) never holds more than one float tensor; with rows=True every 2-D one
-    comes as Rows, read in blocks of rows by whoever uses it."""
-    from safetensors import SafetensorError, safe_open
+    """(name, tensor) for every tensor of a checkpoint, one at a time (file_tensors, file by file)."""
     _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
     files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
     for f in files:
         if not (ckpt / f).is_file():
             raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
     for f in files:
-        if not f.endswith(".safetensors"):
-            state = read_bin(ckpt / f, mmap)
+        yield from file_tensors(ckpt / f, mmap, rows)
+
+
+def file_tensors(file: Path, mmap: bool = True, rows: bool = False):
+    """(name, tensor) for every tensor of one weight file. Without mmap a tensor is read (pread) only
+    when its turn comes, so a caller that converts each one and drops it (load_model's int8 path)
+    never holds more than one float tensor; with rows=True every 2-D one comes as Rows, read in blocks
+    of rows by whoever uses it. A legacy-format .bin is read whole whatever is asked."""
+    from safetensors import SafetensorError, safe_open
+    if file.suffix != ".safetensors":
+        entries = bin_layout(file) if mmap or rows else None
+        if entries is None:  # into ordinary memory, as asked, or a .bin whose tensors cannot be placed
+            state = read_bin(file, mmap)
             for name in list(state):
                 yield name, state.pop(name)
-            continue
-        try:
-            with safe_open(ckpt / f, framework="pt", backend="pread") as tensors:  # it checks the header and size
-                if mmap:
-                    yield from mapped_tensors(ckpt / f)
-                    continue
-                header, begin = Rows.header(ckpt / f) if rows else ({}, 0)
-                for name in list(tensors.keys()):
-                    info = header.get(name, {})
-                    if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
-                        yield name, Rows(ckpt / f, begin + info["data_offsets"][0], info["shape"], info["dtype"])
-                    else:
-                        yield name, tensors.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"{ckpt / f} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+        elif mmap:  # read as a safetensors file is: each tensor lets go of its pages when freed
+            yield from mapped_tensors(file, entries)
+        else:  # rows: a matrix as Rows (its view made and dropped unread), the small rest copied out
+            for (name, t), (_, first, _, shape, dtype) in zip(mapped_tensors(file, entries), entries):
+                yield name, Rows(file, first, shape, dtype) if len(shape) == 2 else t.clone()
+        return
+    try:
+        with safe_open(file, framework="pt", backend="pread") as tensors:  # it checks the header and size
+            if mmap:
+                yield from mapped_tensors(file)
+                return
+            header, begin = Rows.header(file) if rows else ({}, 0)
+            for name in list(tensors.keys()):
+                info = header.get(name, {})
+                if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
+                    dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
+                    yield name, Rows(file, begin + info["data_offsets"][0], info["shape"], dtype)
+                else:
+                    yield name, tensors.get_tensor(name)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a valid safetensors file (corrupt or truncated?): {e}") from None

@@ -116,3 +116,22 @@ def build_checkpoint(name: str, out: Path) -> Path:
         print(f"note: {spiece} not found; timing random token ids instead of text")
     save_model(model, out, tok)
     return out
+
+
+def as_published_bin(ckpt: Path, out: Path) -> Path:
+    """`ckpt` re-saved as the 2020 google/pegasus-* repositories serve their weights: one
+    pytorch_model.bin (torch's zip format) in which the shared embedding is stored once under its tied
+    names too (the encoder's and decoder's embed_tokens: one storage), beside the same config and
+    tokenizer files. Users of the published checkpoints load this layout, not safetensors."""
+    import shutil
+
+    from weight_files import read_tensors
+    out.mkdir(parents=True, exist_ok=True)
+    state = read_tensors(ckpt)  # memory-mapped: torch.save reads each tensor from the page cache
+    for name in ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"):
+        state[name] = state["model.shared.weight"]
+    torch.save(state, out / "pytorch_model.bin")
+    for f in ckpt.iterdir():
+        if not f.name.startswith("model") and f.is_file():  # config, generation config, tokenizer files
+            shutil.copy(f, out / f.name)
+    return out

@@ -2,7 +2,10 @@
 checkpoint (already in the page cache: every run reads it once before timing) and summarizes one
 ~500-token article with the checkpoint's own decoding settings (beam 8 for pegasus-xsum).
 
-    python -m benchmarks.first_summary --checkpoint DIR [--threads 2] [--rounds 3]
+    python -m benchmarks.first_summary --checkpoint DIR [--threads 2] [--rounds 3] [--bin]
+
+--bin times the same weights as the published repositories serve them (pytorch_model.bin, the tied
+embedding stored under every name: common.as_published_bin), written to a temporary directory first.
 
 "ours" is the CLI (`python generate.py --file article.txt`): float32, --quantize int8 and --dtype bfloat16; the
 reference is the same job written with transformers (tokenizer, from_pretrained, generate, decode).
@@ -17,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import ROOT, verdict
+from benchmarks.common import ROOT, as_published_bin, verdict
 
 REFERENCE = """
 import sys, transformers
@@ -103,8 +106,13 @@ def main():
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory (e.g. from benchmarks.speed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--bin", action="store_true", help="as the published repositories serve it: pytorch_model.bin")
     args = p.parse_args()
-    bench_first_summary(args.checkpoint, args.threads, args.rounds)
+    if not args.bin:
+        return bench_first_summary(args.checkpoint, args.threads, args.rounds)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("layout: pytorch_model.bin with the tied embedding copies (as the published repositories)")
+        bench_first_summary(as_published_bin(args.checkpoint, Path(tmp)), args.threads, args.rounds)
 
 
 if __name__ == "__main__":

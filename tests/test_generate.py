@@ -341,3 +341,16 @@ def test_the_heap_is_given_back_before_and_after_building_the_cache(toy, batch, 
                             or real(*a, **kw))
     assert torch.equal(generate(model, ids, mask, num_beams=2, max_new_tokens=4), expected)
     assert events == ["encode", "malloc_trim(0)", "new_cache", "malloc_trim(0)"] + ["decode"] * 4
+
+
+def test_beam_search_log_softmax_is_the_reference_kernel_in_place():
+    """Beam search normalizes the logits in place (decoding.log_softmax_): the same values as the
+    reference's F.log_softmax, bit for bit, -inf included, and no second (N, V) tensor."""
+    import torch.nn.functional as F
+
+    from decoding import log_softmax_
+    x = torch.randn(32, 5000, generator=torch.Generator().manual_seed(0)) * 7
+    x[:, 3] = -float("inf")
+    y = x.clone()
+    out = log_softmax_(y)
+    assert out.data_ptr() == y.data_ptr() and torch.equal(out, F.log_softmax(x, dim=-1))

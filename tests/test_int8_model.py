@@ -125,15 +125,20 @@ def test_int8_model_moves(toy):
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
 def test_tiny_checkpoints_load_in_int8(kind, tmp_path):
     """The hub layout (pytorch_model.bin with the tied copies and the position tables): the tied
-    copies are checked in int8 too, and the logits stay near the float model's."""
+    copies are checked in int8 too, and the logits stay near the float model's. A zip-format .bin is
+    read by rows as safetensors is (lookups read the table from the file); a legacy one whole."""
     model = tiny_model(kind)
     write(tmp_path, repository(model, tiny_spiece()))
     q, tok = load_model(tmp_path, quantize="int8")
     ids = torch.tensor([tok.encode("The city council voted on Tuesday to close the old bridge.")])
     with torch.no_grad():
         ref, out = model(ids), q(ids)
-    assert (out - ref).abs().max().item() < 0.05 * ref.std().item()
-    assert q.shared.rows is None and q.shared.weight is not None  # a .bin is read whole: no table to map
+        assert (out - ref).abs().max().item() < 0.05 * ref.std().item()
+        assert q.shared.rows is not None and q.shared.weight is None  # packed; lookups read the .bin's rows
+        write(tmp_path, repository(model, tiny_spiece(), "legacy-bin"))
+        legacy, _ = load_model(tmp_path, quantize="int8")
+        assert legacy.shared.rows is None and legacy.shared.weight is not None  # read whole: no table to read
+        assert torch.equal(legacy(ids), out)
     # an untied output head is refused, as in float32
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     state["lm_head.weight"] = torch.randn_like(state["lm_head.weight"])
@@ -178,7 +183,7 @@ def test_row_reader_reads_the_rows_asked_for(tmp_path):
     w = torch.randn(300, 40)
     save_file({"w": w}, str(tmp_path / "w.safetensors"))
     header, begin = weight_files.Rows.header(tmp_path / "w.safetensors")
-    reader = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 40], "F32").reader()
+    reader = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 40], torch.float32).reader()
     ids = torch.tensor([[299, 0, 7], [7, 7, 150]])
     assert reader.shape == w.shape and torch.equal(reader[ids], w[ids.reshape(-1)])
     assert copy.deepcopy(reader) is reader and reader[torch.tensor([], dtype=torch.long)].shape == (0, 40)

@@ -180,7 +180,7 @@ def test_bfloat16_load_converts_by_rows_to_the_same_values(tmp_path, spiece_mode
     w = torch.randn(300, 1000)
     save_file({"w": w}, str(tmp_path / "w.safetensors"))
     header, begin = weight_files.Rows.header(tmp_path / "w.safetensors")
-    rows = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 1000], "F32")
+    rows = weight_files.Rows(tmp_path / "w.safetensors", begin, [300, 1000], torch.float32)
     assert torch.equal(rows.to(torch.bfloat16), w.to(torch.bfloat16)) and torch.equal(rows.to(torch.float32), w)
 
 
@@ -329,3 +329,45 @@ def test_mapped_tensors_are_copy_on_write_and_let_go_of_their_pages(tmp_path):
     del tensors["a"]
     assert _resident_file_pages_mb() - before < 4, "a's pages stay resident after it was freed"
     assert torch.equal(load_file(str(file))["b"], torch.ones(3)) and torch.equal(tensors["i"], torch.arange(5))
+
+
+def test_bin_layout_places_every_tensor_of_a_zip_checkpoint(tmp_path):
+    """A zip-format .bin (the published 2020 checkpoints' format) is read as a safetensors file is: each
+    tensor's bytes are found in the file (the tied names' one storage once), matrices come as Rows, and
+    what cannot be placed (the legacy format, strided or overlapping views) is left to torch.load."""
+    import weight_files
+    a = torch.randn(300, 1000)
+    state = {"a": a, "tied": a, "b": torch.arange(7.0), "empty": torch.zeros(0, 4), "i": torch.arange(5),
+             "h": torch.randn(4, 6).half(), "part": torch.arange(20.0).view(4, 5)[1:3]}  # a view at an offset
+    torch.save(state, tmp_path / "w.bin")
+    layout = weight_files.bin_layout(tmp_path / "w.bin")
+    data = (tmp_path / "w.bin").read_bytes()
+    assert [e[0] for e in layout] == list(state)
+    for name, first, last, shape, dtype in layout:  # the bytes it names are the tensor's
+        found = torch.frombuffer(bytearray(data[first:last]), dtype=dtype) if last > first else torch.empty(0)
+        assert dtype == state[name].dtype and torch.equal(found.view(shape).to(dtype), state[name]), name
+    assert layout[0][1:3] == layout[1][1:3]  # tied: the same bytes
+    rows = dict(weight_files.file_tensors(tmp_path / "w.bin", mmap=False, rows=True))
+    assert isinstance(rows["a"], weight_files.Rows) and weight_files.same_bytes(rows["a"], rows["tied"])
+    assert torch.equal(rows["a"].to(torch.float32), a) and torch.equal(rows["b"], state["b"])
+    for other in ({"t": a.t()}, {"all": a, "some": a[5:9]}):  # strided; sharing some bytes but not all
+        torch.save(other, tmp_path / "x.bin")
+        assert weight_files.bin_layout(tmp_path / "x.bin") is None
+    torch.save(state, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    assert weight_files.bin_layout(tmp_path / "legacy.bin") is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
+def test_a_mapped_bin_lets_go_of_its_pages_when_its_last_name_is_freed(tmp_path):
+    """Memory-mapped tensors of a .bin let go of their pages as safetensors' do (what keeps onednn.use_onednn
+    and bfloat16 loading at one copy of the weights), tied names holding one tensor until both are freed."""
+    from weight_files import bin_layout, mapped_tensors
+    torch.save({"a": (a := torch.arange(16 << 20, dtype=torch.float32).view(4096, -1)), "tied": a}, tmp_path / "w.bin")
+    tensors = dict(mapped_tensors(tmp_path / "w.bin", bin_layout(tmp_path / "w.bin")))
+    assert tensors["a"] is tensors["tied"]
+    before = _resident_file_pages_mb()
+    assert tensors["a"].double().sum().item() == sum(range(16 << 20))  # every page read once (exact in float64)
+    del tensors["a"]
+    assert _resident_file_pages_mb() - before > 60  # "tied" still reads them
+    del tensors["tied"]
+    assert _resident_file_pages_mb() - before < 4, "the pages stay resident after both names were freed"

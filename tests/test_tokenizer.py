@@ -107,6 +107,17 @@ def test_published_ids(tok):
     assert tok.encode("\u2603\u2603")[-2:] == [105, 1]  # a snowman is not in the vocabulary
 
 
+def test_id_to_token_is_the_reference_vocabulary(tok, reference, spiece_model):
+    """tok.id_to_token (read from SentencePiece when indexed) names every id as the reference does."""
+    names = reference.convert_ids_to_tokens(list(range(len(reference))))
+    assert len(tok.id_to_token) == len(names) and list(tok.id_to_token) == names
+    assert tok.id_to_token[-1] == names[-1] and tok.id_to_token[100:110] == names[100:110]
+    with pytest.raises(IndexError):
+        tok.id_to_token[len(names)]
+    newline = PegasusTokenizer.from_spiece(spiece_model, newline_to_n=True)
+    assert newline.id_to_token[106] == "\n" and newline.id_to_token[107] == names[107]
+
+
 def test_tokenizer_json_rebuilds_spiece_model(from_spiece, from_json):
     # The in-memory model built from tokenizer.json is byte for byte the published spiece.model.
     assert from_json.sp.serialized_model_proto() == from_spiece.sp.serialized_model_proto()
