@@ -126,7 +126,7 @@ fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a p
 not a buffer: a state_dict holds the table once (`shared.weight` int8, `shared.scale`), as float
 checkpoints hold `shared.weight` once. The model reads its activations' dtype and device from
 Pegasus.dtype / .device (a LayerNorm's weight), never from the int8 table. load_model, reading a
-safetensors file or a zip-format .bin, also hands `lookup_from` a reader of the table's float rows in the file
+safetensors file or a .bin, also hands `lookup_from` a reader of the table's float rows in the file
 (weight_files.RowReader): lookups then read and quantize just the rows they need (giving the
 table's own int8 values), and packing lets go of the plain table, as Int8Linear's packing does.
 

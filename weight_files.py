@@ -5,15 +5,19 @@
 - read into ordinary memory (pread), tensor by tensor;
 - a matrix a block of rows at a time (Rows), for the int8 loader, which never holds a float matrix.
 
-A .bin in the zip format (torch 1.6 and later) is read the same three ways: bin_layout finds where
-each of its tensors lies in the file. One in the legacy format is read whole into memory.
+A torch.save'd .bin (zip or legacy format) is read the same three ways: bin_layout finds where each
+of its tensors lies in the file. One it cannot place (not a plain state dict) is left to torch.load.
 
 load_weights.load_model decides which; this module only reads (memory.returning_freed_memory is the
 allocator setting that keeps memory low while a loader converts and frees tensor after tensor).
 """
 
+import collections
+import io
 import json
+import math
 import mmap
+import pickle
 import threading
 import weakref
 from pathlib import Path
@@ -64,53 +68,124 @@ def safetensors_layout(file: Path) -> list[tuple[str, int, int, list[int], torch
              SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)) for name, info in header.items()]
 
 
+# The storage classes a torch.save'd pickle names, and the dtype of their elements.
+STORAGE_DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+                  "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                  "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                  "BoolStorage": torch.bool}
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy torch.save file
+
+
+def _tensor_at(storage, offset, size, stride, *_):
+    """Stands in for torch._utils._rebuild_tensor_v2 when _PickleIndex reads a checkpoint: where the tensor is."""
+    return {"storage": storage, "offset": offset, "shape": list(size), "stride": tuple(stride)}
+
+
+class _PickleIndex(pickle.Unpickler):
+    """Reads the pickle of a torch.save'd state dict without making a tensor or running anything: the only
+    globals it resolves are the storage classes (to their dtype), the tensor-rebuilding function (to
+    _tensor_at, a record of where the tensor is) and OrderedDict; anything else is refused, and the
+    caller leaves the file to torch.load (weights_only), which refuses or reads it. Each storage the
+    pickle refers to is noted in `storages`: its key -> (dtype, number of elements)."""
+
+    def __init__(self, file, storages: dict):
+        super().__init__(file)
+        self.storages = storages
+
+    def find_class(self, module: str, name: str):
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _tensor_at
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a plain state dict")
+
+    def persistent_load(self, pid):  # ("storage", dtype, key, location, numel[, view]) as torch.save writes it
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], torch.dtype) and (len(pid) == 5 or pid[5] is None)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        self.storages[str(pid[2])] = pid[1], int(pid[4])
+        return str(pid[2])
+
+
 def bin_layout(file: Path) -> list[tuple[str, int, int, list[int], torch.dtype]] | None:
-    """(name, first byte, end byte, shape, dtype) of every tensor of a zip-format torch checkpoint (torch
-    1.6 and later), so that it is read as a safetensors file is: memory-mapped views that let go of their
-    pages, or Rows. None where the tensors cannot be placed so: the legacy format (one pickle stream),
+    """(name, first byte, end byte, shape, dtype) of every tensor of a torch.save'd checkpoint, so that it is
+    read as a safetensors file is: memory-mapped views that let go of their pages, or Rows. None where
+    the tensors cannot be placed so (the file is then left to torch.load): not a flat dict of tensors,
     a tensor that is not one contiguous run of bytes, or two that share some bytes but not all.
 
-    The zip holds each storage as one uncompressed record. torch.load(mmap=True) maps the whole file once
-    and makes each storage the slice of the map at its record's offset, reading no tensor's bytes: a
-    tensor's address minus the map's start is its place in the file. The start is found by pairing the
-    storages, in address order, with the data records, in file order, and is checked: every pair must give
-    the same start and the same size. Tied names (the published pegasus-xsum's embedding, its encoder's
-    and decoder's copies and lm_head: one storage) come out as the same bytes, read once."""
+    Both formats keep the pickle (names, shapes, which storage) apart from the storages' raw bytes. The
+    zip format (torch 1.6 and later) stores each storage as an uncompressed record "<archive>/data/<key>";
+    the legacy one writes, after the pickle, the list of storage keys, then each storage as an 8-byte
+    element count followed by its bytes (torch/serialization.py, _legacy_save). Tied names (the published
+    pegasus-xsum's embedding, its encoder's and decoder's copies: one storage) come out as the same bytes."""
     import struct
     import zipfile
-    if not zipfile.is_zipfile(file):
-        return None
-    state = read_bin(file, mmap=True)  # refuses what is not a weights-only state dict
-    with open(file, "rb") as f, zipfile.ZipFile(f) as z:
-        records = []  # (offset, size) of each storage's bytes, "<archive>/data/<key>"
-        for info in z.infolist():
-            if info.filename.split("/")[-2:-1] == ["data"] and info.file_size:
-                if info.compress_type != zipfile.ZIP_STORED:
+    storages, starts = {}, {}  # key -> (dtype, elements); key -> offset of its first byte
+    try:
+        with open(file, "rb") as f:
+            if zipfile.is_zipfile(f):
+                with zipfile.ZipFile(f) as z:
+                    infos = {i.filename: i for i in z.infolist()}
+                    pkl = next(n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1)
+                    order = pkl.removesuffix("data.pkl") + "byteorder"
+                    if order in infos and z.read(order) != b"little":
+                        return None
+                    state = _PickleIndex(io.BytesIO(z.read(pkl)), storages).load()
+                for key in storages:
+                    info = infos[pkl.removesuffix("data.pkl") + "data/" + key]
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        return None
+                    f.seek(info.header_offset + 26)  # the local header's name and extra field lengths
+                    name_len, extra_len = struct.unpack("<HH", f.read(4))
+                    starts[key] = info.header_offset + 30 + name_len + extra_len
+            else:
+                f.seek(0)  # is_zipfile read the end of the file
+                if _PickleIndex(f, storages).load() != LEGACY_MAGIC:
                     return None
-                f.seek(info.header_offset + 26)  # the local header's name and extra field lengths
-                name_len, extra_len = struct.unpack("<HH", f.read(4))
-                records.append((info.header_offset + 30 + name_len + extra_len, info.file_size))
-    storages = sorted({(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                       for t in state.values() if t.untyped_storage().nbytes()})
-    starts = {address - offset for (address, n), (offset, size) in zip(storages, sorted(records)) if n == size}
-    if len(storages) != len(records) or len(starts) != 1 or len(storages) != sum(
-            n == size for (_, n), (_, size) in zip(storages, sorted(records))):
+                _, system = _PickleIndex(f, storages).load(), _PickleIndex(f, storages).load()  # protocol, system info
+                if not system.get("little_endian", False):
+                    return None
+                state = _PickleIndex(f, storages).load()
+                for key in _PickleIndex(f, storages).load():  # the storages' bytes follow in this order
+                    dtype, numel = storages[str(key)]
+                    if int.from_bytes(f.read(8), "little") != numel:
+                        return None
+                    starts[str(key)] = f.tell()
+                    f.seek(numel * dtype.itemsize, 1)
+            size = f.seek(0, 2)
+    except (pickle.UnpicklingError, EOFError, KeyError, StopIteration, ValueError, TypeError, AttributeError,
+            IndexError, OverflowError, zipfile.BadZipFile, struct.error):
         return None
-    start, entries, spans = starts.pop(), [], {}
+    if not isinstance(state, dict) or set(storages) != set(starts):
+        return None
+    entries, spans = [], {}
     for name, t in state.items():
-        if not t.numel():
-            entries.append((name, 0, 0, list(t.shape), t.dtype))
-            continue
-        if not t.is_contiguous():
+        if not (isinstance(name, str) and isinstance(t, dict) and set(t) == {"storage", "offset", "shape", "stride"}):
             return None
-        first = t.data_ptr() - start
-        entries.append((name, first, first + t.numel() * t.element_size(), list(t.shape), t.dtype))
-        if spans.setdefault(entries[-1][1:3], entries[-1][3:]) != entries[-1][3:]:
+        dtype, numel = storages[t["storage"]]
+        n = math.prod(t["shape"])
+        first = starts[t["storage"]] + t["offset"] * dtype.itemsize
+        if n and (t["stride"] != contiguous_strides(t["shape"]) or t["offset"] + n > numel
+                  or starts[t["storage"]] + numel * dtype.itemsize > size):
+            return None  # strided, or past its storage or the file
+        entries.append((name, first if n else 0, first + n * dtype.itemsize if n else 0, t["shape"], dtype))
+        if n and spans.setdefault(entries[-1][1:3], entries[-1][3:]) != entries[-1][3:]:
             return None  # the same bytes as two shapes or dtypes
     ordered = sorted(spans)
     if any(b[0] < a[1] for a, b in zip(ordered, ordered[1:])):
         return None  # overlapping views: freeing one would let go of pages the other still reads
     return entries
+
+
+def contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of `shape`, in elements."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def mapped_tensors(file: Path, entries: list | None = None):
@@ -159,7 +234,7 @@ _READS = _ReadBuffer()
 
 
 class Rows:
-    """A 2-D tensor of a weight file (safetensors, or a zip .bin: bin_layout), read a block of rows at a
+    """A 2-D tensor of a weight file (safetensors, or a .bin: bin_layout), read a block of rows at a
     time (straight from its offset in the file into the block's memory): quantize.quantize_weight needs
     only its shape and row slices,
     so the int8 path never holds a whole float matrix (394 MB for the embedding table at pegasus-xsum
@@ -271,7 +346,8 @@ def file_tensors(file: Path, mmap: bool = True, rows: bool = False):
     """(name, tensor) for every tensor of one weight file. Without mmap a tensor is read (pread) only
     when its turn comes, so a caller that converts each one and drops it (load_model's int8 path)
     never holds more than one float tensor; with rows=True every 2-D one comes as Rows, read in blocks
-    of rows by whoever uses it. A legacy-format .bin is read whole whatever is asked."""
+    of rows by whoever uses it. A .bin that bin_layout cannot place is read by torch.load (mapped
+    where the zip format allows it, else whole)."""
     from safetensors import SafetensorError, safe_open
     if file.suffix != ".safetensors":
         entries = bin_layout(file) if mmap or rows else None

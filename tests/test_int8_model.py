@@ -125,8 +125,8 @@ def test_int8_model_moves(toy):
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
 def test_tiny_checkpoints_load_in_int8(kind, tmp_path):
     """The hub layout (pytorch_model.bin with the tied copies and the position tables): the tied
-    copies are checked in int8 too, and the logits stay near the float model's. A zip-format .bin is
-    read by rows as safetensors is (lookups read the table from the file); a legacy one whole."""
+    copies are checked in int8 too, and the logits stay near the float model's. A .bin, zip or legacy
+    format, is read by rows as safetensors is (lookups read the table from the file)."""
     model = tiny_model(kind)
     write(tmp_path, repository(model, tiny_spiece()))
     q, tok = load_model(tmp_path, quantize="int8")
@@ -137,7 +137,7 @@ def test_tiny_checkpoints_load_in_int8(kind, tmp_path):
         assert q.shared.rows is not None and q.shared.weight is None  # packed; lookups read the .bin's rows
         write(tmp_path, repository(model, tiny_spiece(), "legacy-bin"))
         legacy, _ = load_model(tmp_path, quantize="int8")
-        assert legacy.shared.rows is None and legacy.shared.weight is not None  # read whole: no table to read
+        assert legacy.shared.rows is not None and legacy.shared.weight is None
         assert torch.equal(legacy(ids), out)
     # an untied output head is refused, as in float32
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)

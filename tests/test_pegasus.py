@@ -331,15 +331,18 @@ def test_mapped_tensors_are_copy_on_write_and_let_go_of_their_pages(tmp_path):
     assert torch.equal(load_file(str(file))["b"], torch.ones(3)) and torch.equal(tensors["i"], torch.arange(5))
 
 
-def test_bin_layout_places_every_tensor_of_a_zip_checkpoint(tmp_path):
-    """A zip-format .bin (the published 2020 checkpoints' format) is read as a safetensors file is: each
-    tensor's bytes are found in the file (the tied names' one storage once), matrices come as Rows, and
-    what cannot be placed (the legacy format, strided or overlapping views) is left to torch.load."""
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_bin_layout_places_every_tensor_of_a_torch_checkpoint(tmp_path, zip_format):
+    """A .bin (the published 2020 checkpoints' format) is read as a safetensors file is: each tensor's
+    bytes are found in the file (the tied names' one storage once), in the zip format and in the legacy
+    one, matrices come as Rows, and what cannot be placed (strided or overlapping views, a pickle that
+    is not a plain state dict) is left to torch.load."""
     import weight_files
+    save = lambda state, path: torch.save(state, path, _use_new_zipfile_serialization=zip_format)  # noqa: E731
     a = torch.randn(300, 1000)
     state = {"a": a, "tied": a, "b": torch.arange(7.0), "empty": torch.zeros(0, 4), "i": torch.arange(5),
              "h": torch.randn(4, 6).half(), "part": torch.arange(20.0).view(4, 5)[1:3]}  # a view at an offset
-    torch.save(state, tmp_path / "w.bin")
+    save(state, tmp_path / "w.bin")
     layout = weight_files.bin_layout(tmp_path / "w.bin")
     data = (tmp_path / "w.bin").read_bytes()
     assert [e[0] for e in layout] == list(state)
@@ -350,11 +353,10 @@ def test_bin_layout_places_every_tensor_of_a_zip_checkpoint(tmp_path):
     rows = dict(weight_files.file_tensors(tmp_path / "w.bin", mmap=False, rows=True))
     assert isinstance(rows["a"], weight_files.Rows) and weight_files.same_bytes(rows["a"], rows["tied"])
     assert torch.equal(rows["a"].to(torch.float32), a) and torch.equal(rows["b"], state["b"])
-    for other in ({"t": a.t()}, {"all": a, "some": a[5:9]}):  # strided; sharing some bytes but not all
-        torch.save(other, tmp_path / "x.bin")
-        assert weight_files.bin_layout(tmp_path / "x.bin") is None
-    torch.save(state, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
-    assert weight_files.bin_layout(tmp_path / "legacy.bin") is None
+    for other in ({"t": a.t()}, {"all": a, "some": a[5:9]}, {"w": a, "step": 3}, {"nested": {"w": a}}):
+        save(other, tmp_path / "x.bin")  # strided; some bytes shared; not only tensors; not flat
+        assert weight_files.bin_layout(tmp_path / "x.bin") is None, other.keys()
+        assert set(torch.load(tmp_path / "x.bin", weights_only=True)) == set(other)  # torch.load's to read
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc/self/status")
