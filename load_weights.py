@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hub import resolve
-from memory import returning_freed_memory
+from memory import give_back_freed_memory, returning_freed_memory
 from pegasus import REQUIRED_FIELDS, Pegasus, PegasusConfig, sinusoids
 from quantize import float_state_dict, pack_all, quantize_model, quantize_weight
 from tokenizer import PegasusTokenizer
@@ -122,8 +122,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
     expected = model.state_dict()  # names and shapes (meta tensors)
     by_rows = bool(quantize) or dtype != torch.float32  # int8 or converted: mapped, a matrix stays resident whole
     with returning_freed_memory() if by_rows or not mmap else nullcontext():
-        state, copies, table = {}, {}, None
-        for key, t in iter_tensors(ckpt, mmap and not by_rows, rows=by_rows):
+        state, copies, early = {}, {}, set()
+        # int8: the shared table first, so that the output head is packed before the other matrices are read
+        for key, t in iter_tensors(ckpt, mmap and not by_rows, rows=by_rows, first="model.shared.weight"):
             int8 = quantize and expected.get(key.removeprefix("model."), t).dtype == torch.int8
             if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
                 raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
@@ -141,28 +142,35 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
             if t.shape != expected[name].shape:
                 raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape "
                                  f"{tuple(expected[name].shape)}")
+            if int8 and name == "shared.weight" and isinstance(t, Rows) and torch.device(device).type == "cpu":
+                # The output head packed now, while little else is resident: packing holds the int8 table twice
+                # (what fbgemm packs from, and the result), and done after the other matrices that came on top of
+                # the whole int8 model (a load peak of 913-953 MiB where it rests at 819, pegasus-xsum shape).
+                # Lookups read the checkpoint's float rows from the file and quantize them, so packing can let go
+                # of the plain int8 table (98 MB; quantize.Int8TiedEmbedding).
+                model.shared.weight, model.shared.scale = quantize_weight(t)
+                model.shared.lookup_from(t.reader()).pack()
+                early = {"shared.weight", "shared.scale"}  # loaded: load_state_dict below leaves them alone
+                continue
             if int8:  # a matrix: int8 rows and a scale per row
                 state[name], state[name.removesuffix("weight") + "scale"] = quantize_weight(t)
-                if name == "shared.weight" and isinstance(t, Rows):
-                    table = t.reader()  # for lookups: see below
                 continue
             state[name] = t.to(device=device, dtype=dtype)
         if "final_logits_bias" in expected and "final_logits_bias" not in state:  # some exports omit it: zeros
             state["final_logits_bias"] = torch.zeros(expected["final_logits_bias"].shape, dtype=dtype, device=device)
-        missing = sorted(set(expected) - set(state))
+        missing = sorted(set(expected) - set(state) - early)
         if missing:
             raise ValueError(f"{ckpt} is missing {len(missing)} tensors, e.g. {missing[:3]}")
         check_copies(copies, ckpt, config.model_type)
-        model.load_state_dict(state, assign=True, strict=True)
+        left = model.load_state_dict(state, assign=True, strict=not early)
+        assert set(left.missing_keys) <= early and not left.unexpected_keys, left  # early: the head, loaded above
         state.clear()  # the model holds the tensors now; packing below can free each plain int8 one
         copies.clear()
         model.init_buffers()  # the position table was built on the meta device
-        model.to(device)
-        if table is not None and torch.device(device).type == "cpu":
-            # Lookups read the checkpoint's float rows from the file and quantize them: packing the output
-            # head can then let go of the plain int8 table (98 MB at pegasus-xsum shape; quantize.py).
-            model.shared.lookup_from(table)
+        if torch.device(device).type != "cpu":  # (on the CPU everything is in place; .to() would unpack the head)
+            model.to(device)
         if quantize:  # the kernels' packed layouts now, once, rather than on the first forward
+            give_back_freed_memory()  # what reading left in the heap (0-45 MiB, int8 pegasus-xsum) before packing
             pack_all(model)
     model.generation_config = generation
     model.encode_each |= dtype != torch.float32 and torch.device(device).type == "cpu"  # bf16/fp16: decoding.encode

@@ -551,9 +551,10 @@ class Int8TiedEmbedding(Int8Embedding):
             destination[prefix + "weight"] = unpack_weight(self.packed, self.kernel)
             destination.move_to_end(prefix + "scale")  # keep the order weight, scale
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.unpack()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict:  # a load that leaves the table alone (load_model's) keeps the head packed
+            self.unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # .to(), .cpu(), ...: the packed copy is rebuilt where the table lands
         self.unpack()

@@ -331,43 +331,50 @@ class RowReader:
         return self
 
 
-def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False):
-    """(name, tensor) for every tensor of a checkpoint, one at a time (file_tensors, file by file)."""
+def iter_tensors(ckpt: Path, mmap: bool = True, rows: bool = False, first: str | None = None):
+    """(name, tensor) for every tensor of a checkpoint, one at a time (file_tensors, file by file); the
+    tensor named `first` before the others of its file."""
     _, weights = files_needed({p.name for p in ckpt.iterdir()}, str(ckpt))
     files = shard_files(ckpt / weights) if weights.endswith(".index.json") else [weights]
     for f in files:
         if not (ckpt / f).is_file():
             raise FileNotFoundError(f"{ckpt / f} is listed in the shard index {weights} but missing")
     for f in files:
-        yield from file_tensors(ckpt / f, mmap, rows)
+        yield from file_tensors(ckpt / f, mmap, rows, first)
 
 
-def file_tensors(file: Path, mmap: bool = True, rows: bool = False):
+def up_front(items, first: str | None) -> list:
+    """Names, or (name, ...) entries, with the one named `first` moved to the front, the rest in order."""
+    return sorted(items, key=lambda item: (item if isinstance(item, str) else item[0]) != first)
+
+
+def file_tensors(file: Path, mmap: bool = True, rows: bool = False, first: str | None = None):
     """(name, tensor) for every tensor of one weight file. Without mmap a tensor is read (pread) only
     when its turn comes, so a caller that converts each one and drops it (load_model's int8 path)
     never holds more than one float tensor; with rows=True every 2-D one comes as Rows, read in blocks
     of rows by whoever uses it. A .bin that bin_layout cannot place is read by torch.load (mapped
-    where the zip format allows it, else whole)."""
+    where the zip format allows it, else whole). The tensor named `first` comes first."""
     from safetensors import SafetensorError, safe_open
     if file.suffix != ".safetensors":
         entries = bin_layout(file) if mmap or rows else None
         if entries is None:  # into ordinary memory, as asked, or a .bin whose tensors cannot be placed
             state = read_bin(file, mmap)
-            for name in list(state):
+            for name in up_front(state, first):
                 yield name, state.pop(name)
         elif mmap:  # read as a safetensors file is: each tensor lets go of its pages when freed
-            yield from mapped_tensors(file, entries)
+            yield from mapped_tensors(file, up_front(entries, first))
         else:  # rows: a matrix as Rows (its view made and dropped unread), the small rest copied out
-            for (name, t), (_, first, _, shape, dtype) in zip(mapped_tensors(file, entries), entries):
-                yield name, Rows(file, first, shape, dtype) if len(shape) == 2 else t.clone()
+            entries = up_front(entries, first)
+            for (name, t), (_, start, _, shape, dtype) in zip(mapped_tensors(file, entries), entries):
+                yield name, Rows(file, start, shape, dtype) if len(shape) == 2 else t.clone()
         return
     try:
         with safe_open(file, framework="pt", backend="pread") as tensors:  # it checks the header and size
             if mmap:
-                yield from mapped_tensors(file)
+                yield from mapped_tensors(file, up_front(safetensors_layout(file), first))
                 return
             header, begin = Rows.header(file) if rows else ({}, 0)
-            for name in list(tensors.keys()):
+            for name in up_front(tensors.keys(), first):
                 info = header.get(name, {})
                 if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
                     dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)

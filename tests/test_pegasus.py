@@ -353,6 +353,9 @@ def test_bin_layout_places_every_tensor_of_a_torch_checkpoint(tmp_path, zip_form
     rows = dict(weight_files.file_tensors(tmp_path / "w.bin", mmap=False, rows=True))
     assert isinstance(rows["a"], weight_files.Rows) and weight_files.same_bytes(rows["a"], rows["tied"])
     assert torch.equal(rows["a"].to(torch.float32), a) and torch.equal(rows["b"], state["b"])
+    for mmap in (True, False):  # the int8 loader asks for the shared table first (to pack the output head early)
+        names = [n for n, _ in weight_files.file_tensors(tmp_path / "w.bin", mmap=mmap, rows=not mmap, first="h")]
+        assert names == ["h", *(n for n in state if n != "h")]
     for other in ({"t": a.t()}, {"all": a, "some": a[5:9]}, {"w": a, "step": 3}, {"nested": {"w": a}}):
         save(other, tmp_path / "x.bin")  # strided; some bytes shared; not only tensors; not flat
         assert weight_files.bin_layout(tmp_path / "x.bin") is None, other.keys()
