@@ -100,6 +100,9 @@ since lookup_from (load_model from safetensors, 2 threads, Zen 4, benchmarks.spe
 rows from the file rather than through a memory map (whose page faults mapped ~118 MiB around
 the article's ~300 rows) and the decoder cache is one block per kind: beam 8 over 4 documents
 1.23-1.29 GiB at the peak, where it was 1.43-1.45 (benchmarks.speed, fresh processes, 2026-12-06).
+Packing the head holds its int8 table twice (the copy fbgemm packs from, and the result): load_model
+reads the table first and packs the head at once, while ~0.35 GiB is resident, not after the other
+matrices: the load's peak went from 913-953 to 831-845 MiB, at rest 819 (2026-12-07, Zen 4).
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
 float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,

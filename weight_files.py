@@ -118,8 +118,8 @@ def bin_layout(file: Path) -> list[tuple[str, int, int, list[int], torch.dtype]]
     Both formats keep the pickle (names, shapes, which storage) apart from the storages' raw bytes. The
     zip format (torch 1.6 and later) stores each storage as an uncompressed record "<archive>/data/<key>";
     the legacy one writes, after the pickle, the list of storage keys, then each storage as an 8-byte
-    element count followed by its bytes (torch/serialization.py, _legacy_save). Tied names (the published
-    pegasus-xsum's embedding, its encoder's and decoder's copies: one storage) come out as the same bytes."""
+    element count followed by its bytes (torch/serialization.py, _legacy_save). Tied names (an embedding
+    saved with its tied copies, as transformers' .bin files have it: one storage) come out as the same bytes."""
     import struct
     import zipfile
     storages, starts = {}, {}  # key -> (dtype, elements); key -> offset of its first byte
