@@ -363,10 +363,11 @@ def file_tensors(file: Path, mmap: bool = True, rows: bool = False, first: str |
                 yield name, state.pop(name)
         elif mmap:  # read as a safetensors file is: each tensor lets go of its pages when freed
             yield from mapped_tensors(file, up_front(entries, first))
-        else:  # rows: a matrix as Rows (its view made and dropped unread), the small rest copied out
+        else:  # rows: a matrix as Rows, the small rest read through the map and copied out
             entries = up_front(entries, first)
-            for (name, t), (_, start, _, shape, dtype) in zip(mapped_tensors(file, entries), entries):
-                yield name, Rows(file, start, shape, dtype) if len(shape) == 2 else t.clone()
+            small = mapped_tensors(file, [e for e in entries if len(e[3]) != 2])  # in the same order
+            for name, start, _, shape, dtype in entries:
+                yield name, Rows(file, start, shape, dtype) if len(shape) == 2 else next(small)[1].clone()
         return
     try:
         with safe_open(file, framework="pt", backend="pread") as tensors:  # it checks the header and size
