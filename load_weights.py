@@ -143,11 +143,11 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
                 raise ValueError(f"{key}: checkpoint shape {tuple(t.shape)} != model shape "
                                  f"{tuple(expected[name].shape)}")
             if int8 and name == "shared.weight" and isinstance(t, Rows) and torch.device(device).type == "cpu":
-                # The output head packed now, while little else is resident: packing holds the int8 table twice
-                # (what fbgemm packs from, and the result), and done after the other matrices that came on top of
-                # the whole int8 model (a load peak of 913-953 MiB where it rests at 819, pegasus-xsum shape).
-                # Lookups read the checkpoint's float rows from the file and quantize them, so packing can let go
-                # of the plain int8 table (98 MB; quantize.Int8TiedEmbedding).
+                # The output head is packed now, while little else is resident (the table is read first):
+                # packing holds the int8 table twice (what fbgemm packs from, and the result). Packed after the
+                # other matrices, that came on top of the whole int8 model: a load peak of 913-953 MiB where the
+                # model rests at 819 (pegasus-xsum shape). Lookups read the checkpoint's float rows from the file
+                # and quantize them, so packing can let go of the plain int8 table (98 MB; quantize.py).
                 model.shared.weight, model.shared.scale = quantize_weight(t)
                 model.shared.lookup_from(t.reader()).pack()
                 early = {"shared.weight", "shared.scale"}  # loaded: load_state_dict below leaves them alone

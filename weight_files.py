@@ -18,8 +18,10 @@ import json
 import math
 import mmap
 import pickle
+import struct
 import threading
 import weakref
+import zipfile
 from pathlib import Path
 
 import torch
@@ -30,8 +32,6 @@ from hub import files_needed, shard_files
 def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
     """A torch.save'd state dict. weights_only=True refuses pickles that would run arbitrary code.
     Files from torch < 1.6 are not zip archives and cannot be memory-mapped: read those whole."""
-    import pickle
-    import zipfile
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
     except pickle.UnpicklingError as e:
@@ -120,8 +120,6 @@ def bin_layout(file: Path) -> list[tuple[str, int, int, list[int], torch.dtype]]
     the legacy one writes, after the pickle, the list of storage keys, then each storage as an 8-byte
     element count followed by its bytes (torch/serialization.py, _legacy_save). Tied names (an embedding
     saved with its tied copies, as transformers' .bin files have it: one storage) come out as the same bytes."""
-    import struct
-    import zipfile
     storages, starts = {}, {}  # key -> (dtype, elements); key -> offset of its first byte
     try:
         with open(file, "rb") as f:
