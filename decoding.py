@@ -50,7 +50,7 @@ class DecodingOptions:
     search: str = "reference"
     use_cache: bool = True  # False re-runs the whole prefix every step (slow, obviously correct)
     # Greedy's argmax over the vocabulary, h (N, D) and constrain -> ids (N,). None: the argmax of the
-    # full logits. onednn.ScreenedArgmax gives the same ids reading a quarter of the output matrix.
+    # full logits. screen.ScreenedArgmax gives the same ids reading a quarter of the output matrix.
     argmax: Callable | None = None
 
 
@@ -165,7 +165,7 @@ class Sampler:
         if self.o.do_sample:
             probs = warp(fix(model.logits(h).float()), self.o).softmax(-1)
             token = torch.multinomial(probs, 1, generator=self.generator)[:, 0]  # (N,)
-        elif self.o.argmax is not None:  # e.g. onednn.ScreenedArgmax: the same ids, most of the head unread
+        elif self.o.argmax is not None:  # e.g. screen.ScreenedArgmax: the same ids, most of the head unread
             token = self.o.argmax(h, fix)
         else:
             token = fix(model.logits(h).float()).argmax(-1)  # (N,)

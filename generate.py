@@ -28,8 +28,9 @@ from distributed import setup_distributed
 from hub import resolve
 from load_weights import generation_config, load_model, read_config
 from memory import returning_freed_memory
-from onednn import bf16_supported, screened_argmax, use_onednn
+from onednn import bf16_supported, use_onednn
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
+from screen import screened_argmax
 from tokenizer import n_to_newline
 
 __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
@@ -38,7 +39,7 @@ __all__ = ["DecodingOptions", "generate", "load", "summarize", "main"]
 # ----------------------------------------------------------------------------- summarization
 
 _LOADED = {}  # load()'s arguments (the hints as the packing they ask for) -> (model, tokenizer): loaded once
-_ARGMAX = {}  # id(model) -> greedy's screened argmax (onednn.ScreenedArgmax) for the models load() made
+_ARGMAX = {}  # id(model) -> greedy's screened argmax (screen.ScreenedArgmax) for the models load() made
 
 
 def load(name_or_path, dtype="float32", device="cpu", revision=None, original: bool = False, quantize=None,
@@ -46,7 +47,7 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     """(model, tokenizer) from a hub id or a checkpoint directory, cached for this process.
 
     float32 on CPU runs its matmuls through oneDNN (use_onednn) and greedy decoding's argmax through
-    onednn.ScreenedArgmax, which summarize() passes to generate() for these models. bfloat16 on CPU
+    screen.ScreenedArgmax, which summarize() passes to generate() for these models. bfloat16 on CPU
     does the same where oneDNN has fast bfloat16 kernels (onednn.bf16_supported: AVX-512 BF16 / AMX);
     elsewhere it runs PyTorch's default (slow) bfloat16 matmuls, with a one-line note. quantize="int8"
     loads int8 weights (quantize.py; fbgemm's kernels, oneDNN's on AMX and for the head with VNNI),

@@ -1,10 +1,9 @@
-"""Opt-in CPU speed-ups for float32 inference, both exact up to float32 rounding:
-- use_onednn runs every matmul through oneDNN, with its weights packed once into the blocked
-  layout oneDNN's kernels read fastest;
-- ScreenedArgmax (screened_argmax(model) builds one; pass it as decoding's `argmax` option) finds
-  greedy decoding's top token without reading the whole float32 output matrix every step.
+"""Opt-in CPU speed-up for float32 (and bfloat16) inference, exact up to float32 rounding:
+use_onednn runs every matmul through oneDNN, with its weights packed once into the blocked layout
+oneDNN's kernels read fastest. (Its companion for greedy decoding, the screened argmax that finds the
+top token without reading the whole output matrix, is screen.py.)
 
-Both are explicit seams: use_onednn swaps modules for converted ones that register their tensors
+It is an explicit seam: use_onednn swaps modules for converted ones that register their tensors
 (state_dict lists them, under the same names), and nothing is patched onto the model. A packed
 weight is an opaque oneDNN tensor that safetensors cannot write and that cannot move to another
 device or dtype, so load_weights.save_model and model.to(...) refuse a converted model with one
@@ -94,7 +93,7 @@ def bf16_supported() -> bool:
 class PackedTiedEmbedding(Packed, TiedEmbedding):
     """The tied embedding, whose output projection (`project`, the logits' matmul) runs through
     oneDNN on a packed copy of the matrix. The copy is made on first use (greedy decoding with
-    ScreenedArgmax never needs it) and registered as a non-persistent buffer: state_dict keeps
+    screen.ScreenedArgmax never needs it) and registered as a non-persistent buffer: state_dict keeps
     only `weight`, which token lookups still read."""
 
     def __init__(self, embedding: TiedEmbedding):
@@ -138,100 +137,3 @@ def use_onednn(model, step_rows: int | None = None):
         list(pool.map(convert, [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]))
     model.shared = PackedTiedEmbedding(model.shared)  # Pegasus.logits calls its `project`
     return model
-
-
-def screened_argmax(model) -> "ScreenedArgmax | None":
-    """Greedy decoding's exact argmax over the model's output projection (float32 or bfloat16),
-    screened in int8 (pass it as decoding's `argmax` option), or None where this PyTorch lacks the
-    int8 kernel or its dtypes."""
-    w = model.shared.weight  # None: see use_onednn
-    if w is None or w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    bias = model.final_logits_bias
-    try:
-        # Older PyTorch lacks the int8 kernel or its dtypes: try it on a small matrix (the real tables
-        # are built on first use, so that beam search, which never calls it, does not pay for them).
-        torch._weight_int8pack_mm(torch.ones(1, 64, dtype=torch.bfloat16), torch.ones(8, 64, dtype=torch.int8),
-                                  torch.ones(8, dtype=torch.bfloat16))
-        screen = ScreenedArgmax(w, None if bias is None else bias[0], model.logits)
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return None  # greedy decoding then takes the argmax of the full logits
-    return screen
-
-
-class ScreenedArgmax:
-    """Greedy decoding's argmax over the vocabulary, without reading all of the output matrix.
-
-    The logits h @ E^T + b read the whole (V, D) matrix E every step: 394 MB of the 1.3 GB a
-    pegasus-xsum step reads in float32. Greedy decoding only needs the winner, so: (1) score every
-    token with an int8 copy of E (4x fewer bytes than float32, 2x fewer than bfloat16), with a
-    bound on how far each approximate score can be from the model's own; (2) only tokens whose
-    upper bound reaches the best lower bound can win; (3) rescore those few (typically tens to
-    hundreds) exactly as the model does and take the argmax. The bound is a proof, not a
-    heuristic, so the token is the model's own argmax.
-
-    Where the approximate score y_i of token i can be wrong (h~ = bfloat16(h), the kernel's input,
-    h itself in a bfloat16 model; e~_i = the int8 row times its scale), by Cauchy-Schwarz:
-        |h.e_i - y_i| <= |h - h~| |e_i|  +  |h~| |e_i - e~_i|  +  kernel rounding
-    The kernel (torch._weight_int8pack_mm) accumulates in float32 and rounds its output to
-    bfloat16: measured <= 2^-11 |h~| |e~_i|; the bound allows 2^-7, so its margin also covers
-    float32 rounding of the exact rescoring. The model's logits are then rounded to its dtype,
-    twice (the matmul's output, then + b): that moves them by at most eps (|h| |e_i| + |b_i|), eps
-    = 2^-7 for bfloat16 (2^-23 for float32), a fourth term. A bfloat16 model's logits tie often;
-    every tied winner passes the screen, and the rescoring rounds as the model does, so ties go to
-    the lowest id, as in the full argmax.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, logits):
-        self.E = weight.detach()  # (V, D), shared with the embedding: used for the exact rescoring
-        self.bias = bias  # (V,) in the model's dtype, or None
-        self.logits = logits  # h (N, D) -> the full logits (N, V), e.g. Pegasus.logits: for nearly flat scores
-        self.q = None  # the int8 tables, built by prepare() on first use (~1 s at pegasus-xsum shape)
-
-    def prepare(self):
-        E, V = self.E, self.E.size(0)
-        largest = torch.maximum(E.amax(1), -E.amin(1)).float()  # (V,) max |e_ij| without an |E| copy
-        self.scale = (largest / 127).clamp_min(1e-30).bfloat16()  # (V,) per-row scale, as the kernel reads it
-        self.q = torch.empty(E.shape, dtype=torch.int8)  # (V, D)
-        self.norm_e, self.slack = torch.empty(V), torch.empty(V)  # (V,) each, see approximate
-        # In slices of 512 rows: no second (V, D) float copy at any time, and each temporary is 2 MB. With
-        # 4096 rows (16 MB temporaries) the freed ones stayed in the heap between live blocks: a bfloat16
-        # pegasus-xsum grew 274 MB in prepare for 99 MB of tables.
-        for i in range(0, V, 512):
-            rows = slice(i, i + 512)
-            e, s = E[rows].float(), self.scale[rows].float()[:, None]
-            self.q[rows] = torch.round(e / s).clamp(-127, 127)
-            approx = self.q[rows] * s  # e~ for these rows
-            self.norm_e[rows] = e.norm(dim=1)  # |e_i|
-            self.slack[rows] = (e - approx).norm(dim=1) + 2**-7 * approx.norm(dim=1)  # |e_i - e~_i| + 2^-7 |e~_i|
-
-    def approximate(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h (N, D) -> approximate logits y (N, V) and a bound (N, V) on |the model's logits - y|."""
-        if self.q is None:
-            self.prepare()
-        hb = h.bfloat16()
-        y = torch._weight_int8pack_mm(hb, self.q, self.scale).float()  # (N, V), reads 1 byte a weight
-        if self.bias is not None:
-            y += self.bias.float()
-        err_h = (h.float() - hb.float()).norm(dim=1, keepdim=True)  # (N, 1) |h - h~| (0 for a bfloat16 h)
-        norm_h = hb.float().norm(dim=1, keepdim=True)  # (N, 1) |h~|
-        abs_b = 0 if self.bias is None else self.bias.float().abs()  # (V,)
-        rounding = torch.finfo(self.E.dtype).eps * (h.float().norm(dim=1, keepdim=True) * self.norm_e + abs_b)
-        return y, err_h * self.norm_e + norm_h * self.slack + rounding  # the four terms of the class docstring
-
-    def __call__(self, h: torch.Tensor, constrain) -> torch.Tensor:
-        """h (N, D) final decoder states -> (N,) token ids. constrain(scores) bans tokens in place
-        (sets them to -inf), as decoding.constrain does to full logits."""
-        y, bound = self.approximate(h)
-        y = constrain(y)  # banned tokens -> -inf: never candidates
-        best_low = (y - bound).max(dim=1, keepdim=True).values  # (N, 1): the winner's exact logit is at least this
-        rows, cols = ((y + bound >= best_low) & (y > -float("inf"))).nonzero(as_tuple=True)  # (C,) candidates
-        if len(cols) > self.E.size(0) // 16:  # nearly flat scores (h ~ 0): screening saves nothing, score all
-            return constrain(self.logits(h).float()).argmax(-1)
-        # The candidates' logits as the model computes them: float32 products and sums, rounded to its dtype
-        # (a no-op for float32), then + b in its dtype (Pegasus.logits).
-        exact = (h[rows].float() * self.E[cols].float()).sum(-1).to(self.E.dtype)  # (C,)
-        if self.bias is not None:
-            exact = exact + self.bias[cols]
-        scores = torch.full_like(y, -float("inf")).index_put_((rows, cols), exact.float())  # (N, V)
-        return scores.argmax(-1)  # ties go to the lowest id, as in a full argmax

@@ -76,7 +76,8 @@ def load_ours(impl: str, checkpoint, step_rows: int | None = None):
     has bfloat16 kernels, and the screened greedy argmax)."""
     from load_weights import load_model
     from memory import returning_freed_memory
-    from onednn import screened_argmax, use_onednn
+    from onednn import use_onednn
+    from screen import screened_argmax
 
     if impl == "ours+int8":  # step_rows: the kernels' choice, as generate.load makes it (quantize.quantize_model)
         return load_model(checkpoint, with_tokenizer=False, mmap=False, quantize="int8", step_rows=step_rows)[0], None

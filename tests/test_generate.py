@@ -14,8 +14,9 @@ from toy import TOY, ScriptedLM, from_reference, pad_batch, run_scripted, texts,
 
 from decoding import DecodingOptions
 from generate import generate
-from onednn import PACK_ROWS, OneDNNLinear, screened_argmax, use_onednn
+from onednn import PACK_ROWS, OneDNNLinear, use_onednn
 from pegasus import Pegasus, PegasusConfig
+from screen import ScreenedArgmax, int8pack_available, screen_kernel, screened_argmax
 
 TOY = PegasusConfig(**TOY)
 
@@ -218,7 +219,7 @@ def test_onednn_matmuls_give_the_same_tokens(toy, batch):
     dec = batch[0][:, :5]
     with torch.no_grad():
         torch.testing.assert_close(fast(*batch, dec), model(*batch, dec), rtol=0, atol=1e-5)
-    assert argmax is not None or not hasattr(torch, "_weight_int8pack_mm"), "no screened argmax on this build"
+    assert argmax is not None or screen_kernel() is None, "no screened argmax on this build"
     for kw in (dict(num_beams=1), dict(num_beams=8, length_penalty=0.6), dict(num_beams=4, num_return_sequences=4)):
         assert torch.equal(generate(fast, *batch, max_new_tokens=14, **kw, argmax=argmax),
                            generate(model, *batch, max_new_tokens=14, **kw))
@@ -252,11 +253,12 @@ def test_bfloat16_screened_argmax_gives_the_models_own_tokens(toy, batch):
     the screened argmax, which must pick the bfloat16 model's own argmax, ties included."""
     model, _ = toy
     bf16 = use_onednn(copy.deepcopy(model).to(torch.bfloat16))
-    argmax = screened_argmax(bf16)
-    if argmax is None:
+    if screened_argmax(bf16) is None:
         pytest.skip("this PyTorch build has no int8 weight kernel")
-    assert torch.equal(generate(bf16, *batch, max_new_tokens=14, argmax=argmax),
-                       generate(bf16, *batch, max_new_tokens=14))
+    want = generate(bf16, *batch, max_new_tokens=14)
+    for kernel in ["fbgemm"] * (screen_kernel() == "fbgemm") + ["int8pack"] * int8pack_available():
+        argmax = ScreenedArgmax(bf16.shared.weight, bf16.final_logits_bias[0], bf16.logits, kernel)
+        assert torch.equal(generate(bf16, *batch, max_new_tokens=14, argmax=argmax), want), kernel
 
 
 def test_converted_model_registers_its_tensors_and_refuses_to_save_or_move(toy, tmp_path):

@@ -349,7 +349,8 @@ def test_onednn_path_generates_the_same_ids(trained, num_beams):
     """What the CLI runs for float32 on CPU: packed matmuls, and the screened argmax when greedy."""
     import copy
 
-    from onednn import OneDNNLinear, screened_argmax, use_onednn
+    from onednn import OneDNNLinear, use_onednn
+    from screen import screened_argmax
     model, _ = trained
     fast = use_onednn(copy.deepcopy(model))
     argmax = screened_argmax(fast)
