@@ -34,6 +34,8 @@ rounding of the exact rescoring. A bfloat16 model's logits tie often; every tied
 screen, and the rescoring rounds as the model does, so ties go to the lowest id, as in the full argmax.
 """
 
+import functools
+
 import torch
 
 from memory import returning_freed_memory
@@ -44,6 +46,20 @@ SLICE = 512  # rows quantized at a time: 2 MB float temporaries (with 4096, 16 M
 # the freed ones between live blocks: a bfloat16 pegasus-xsum grew 274 MB for 99 MB of tables)
 
 
+@functools.cache
+def fbgemm_screen_available() -> bool:
+    """Whether this PyTorch has fbgemm and its float-in, float-out int8 linear: tried on a small matrix."""
+    if not fbgemm_available():
+        return False
+    try:
+        packed = fbgemm_prepack(per_channel_qint8(torch.ones(8, 64, dtype=torch.int8), torch.ones(8)), None)
+        torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.ones(2, 64), 1.0, 128, packed)
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.cache
 def int8pack_available() -> bool:
     """Whether this PyTorch has torch._weight_int8pack_mm with its dtypes: tried on a small matrix."""
     try:
@@ -56,7 +72,7 @@ def int8pack_available() -> bool:
 
 def screen_kernel() -> str | None:
     """The int8 kernel this machine screens with: "fbgemm", "int8pack", or None (no screening)."""
-    return "fbgemm" if fbgemm_available() else "int8pack" if int8pack_available() else None
+    return "fbgemm" if fbgemm_screen_available() else "int8pack" if int8pack_available() else None
 
 
 def screened_argmax(model) -> "ScreenedArgmax | None":

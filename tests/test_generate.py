@@ -16,8 +16,7 @@ from decoding import DecodingOptions
 from generate import generate
 from onednn import PACK_ROWS, OneDNNLinear, use_onednn
 from pegasus import Pegasus, PegasusConfig
-from quantize import fbgemm_available
-from screen import ScreenedArgmax, int8pack_available, screen_kernel, screened_argmax
+from screen import ScreenedArgmax, fbgemm_screen_available, int8pack_available, screen_kernel, screened_argmax
 
 TOY = PegasusConfig(**TOY)
 
@@ -257,7 +256,7 @@ def test_bfloat16_screened_argmax_gives_the_models_own_tokens(toy, batch):
     if screened_argmax(bf16) is None:
         pytest.skip("this PyTorch build has no int8 weight kernel")
     want = generate(bf16, *batch, max_new_tokens=14)
-    kernels = [k for k, here in (("fbgemm", fbgemm_available()), ("int8pack", int8pack_available())) if here]
+    kernels = [k for k, here in (("fbgemm", fbgemm_screen_available()), ("int8pack", int8pack_available())) if here]
     for kernel in kernels:  # each int8 kernel this build has
         argmax = ScreenedArgmax(bf16.shared.weight, bf16.final_logits_bias[0], bf16.logits, kernel)
         assert torch.equal(generate(bf16, *batch, max_new_tokens=14, argmax=argmax), want), kernel

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import screen
-from quantize import fbgemm_available
-from screen import ScreenedArgmax, int8pack_available
+from screen import ScreenedArgmax, fbgemm_screen_available, int8pack_available
 
-KERNELS = [pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm in this build")),
+KERNELS = [pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_screen_available(),
+                                                           reason="no fbgemm (or its float-output int8 linear) here")),
            pytest.param("int8pack", marks=pytest.mark.skipif(not int8pack_available(),
                                                              reason="no torch._weight_int8pack_mm in this build"))]
 
@@ -69,7 +69,7 @@ def test_bound_holds_for_every_token(V, D, kernel):
         assert ((y + bound) >= best_low).sum(1).max() < V // 20
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="no fbgemm in this build")
+@pytest.mark.skipif(not fbgemm_screen_available(), reason="no fbgemm (or its float-output int8 linear) here")
 @pytest.mark.parametrize("seven_bits", [False, True])  # True: the 7-bit activations of CPUs without VNNI
 def test_fbgemm_sees_h_on_an_exact_grid(monkeypatch, seven_bits):
     """fbgemm quantizes its input to uint8; fed as two rows on a power-of-two grid, its quantization is
