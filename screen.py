@@ -39,7 +39,7 @@ import functools
 import torch
 
 from memory import returning_freed_memory
-from quantize import fbgemm_available, fbgemm_prepack, fbgemm_reduce_range, per_channel_qint8
+from quantize import fbgemm_available, fbgemm_pack, fbgemm_reduce_range
 
 PACK_BLOCK = 8192  # rows per fbgemm matrix (8 MB): packing holds a block twice, never the whole table
 SLICE = 512  # rows quantized at a time: 2 MB float temporaries (with 4096, 16 MB ones, the heap kept
@@ -52,7 +52,7 @@ def fbgemm_screen_available() -> bool:
     if not fbgemm_available():
         return False
     try:
-        packed = fbgemm_prepack(per_channel_qint8(torch.ones(8, 64, dtype=torch.int8), torch.ones(8)), None)
+        packed = fbgemm_pack(torch.ones(8, 64, dtype=torch.int8), torch.ones(8), None)
         torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(torch.ones(2, 64), 1.0, 128, packed)
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
@@ -127,7 +127,7 @@ class ScreenedArgmax:
                     self.norm_e[rows] = e.norm(dim=1)  # |e_i|
                     self.slack[rows] = (e - approx).norm(dim=1) + 2**-7 * approx.norm(dim=1)
                 if self.kernel == "fbgemm":
-                    self.packed.append(fbgemm_prepack(per_channel_qint8(q, scale[block].float()), None))
+                    self.packed.append(fbgemm_pack(q, scale[block].float(), None))
         self.scale = scale  # set last: approximate() builds the tables while it is None
 
     def fbgemm_scores(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +138,7 @@ class ScreenedArgmax:
         fine = top + 1  # F: the second row's steps are s / F; |m| <= F / 2 <= top
         largest = x.abs().amax(1, keepdim=True)  # (N, 1)
         s = torch.exp2(torch.ceil(torch.log2(largest / top)))  # (N, 1) each row's grid: a power of two
-        s = torch.where(largest > top * s, 2 * s, s)  # (should log2 round down at a power of two)
+        s = torch.where(largest > top * s, 2 * s, s)  # one step coarser where log2 rounded down
         s = torch.where(largest > 0, s, 1.0)
         k = torch.round(x / s)  # (N, D) integers, |k| <= top
         m = torch.round((x - k * s) * (fine / s))  # (N, D) integers, |m| <= F / 2: the remainder in steps of s / F
