@@ -430,7 +430,8 @@ class DecoderCache:
                 k_new, v_new = layer.encoder_attn.project_kv(encoder_out)  # (Bs, H, S, Dh) each
                 k.copy_(k_new), v.copy_(v_new)
             self.cross_kv = [(k, v) for k, v in kv]
-        self.cross_mask = None if attention_mask is None else padding_mask(attention_mask)  # (Bs, 1, 1, S)
+        # (Bs, 1, 1, S), boolean or added (added_mask)
+        self.cross_mask = None if attention_mask is None else self.added_mask(padding_mask(attention_mask))
         # Every layer's self-attention keys/values, and the spare pair reorder writes into, in one block. Not
         # zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4 documents), but
         # where attention reads whole blocks of slots the unfilled ones, masked out, must still hold finite
@@ -458,6 +459,16 @@ class DecoderCache:
                 c.move(read, self.spare)
             c.length, c.read = n, read
         return cache_mask(input_pos, read) if len(input_pos) > 1 or read > n else None
+
+    def added_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The cross-attention mask as attention over bfloat16 keys on the CPU reads it fastest: added (0 or
+        -inf, in bfloat16), the same scores to the bit as masked_fill and ~3x faster (the math path of
+        Attention.attend: 0.04 vs 0.11-0.14 ms a layer for beam 8 over 4 documents, Zen 4). Only here: every
+        key of the source is finite, where the self-attention cache's unfilled slots may hold anything, which
+        masked_fill overwrites and an addition would not. float32 keeps the boolean mask, as the reference."""
+        if self.block == 1:
+            return mask
+        return torch.zeros(mask.shape, dtype=torch.bfloat16, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def reorder(self, idx: torch.Tensor):
         """Beam search: hypothesis i continues from hypothesis idx[i]."""
