@@ -125,18 +125,18 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         state, copies, early = {}, {}, set()
         # int8: the shared table first, so that the output head is packed before the other matrices are read
         for key, t in iter_tensors(ckpt, mmap and not by_rows, rows=by_rows, first="model.shared.weight"):
-            int8 = quantize and expected.get(key.removeprefix("model."), t).dtype == torch.int8
+            name = key.removeprefix("model.")
+            int8 = quantize and expected.get(name, t).dtype == torch.int8
             if not t.is_floating_point():  # an int or bool tensor would be silently converted into garbage
                 raise ValueError(f"{key} in {ckpt} has dtype {str(t.dtype).removeprefix('torch.')}, not a float "
                                  f"type: this is not a weight this model can use")
             if key in TIED or key in POSITIONS:
                 copies[key] = t  # derived tensors, as stored (Rows: not read yet): checked below, never loaded
                 continue
-            if key == "model.shared.weight":
-                copies["shared.weight"] = t  # as stored: what the tied copies must equal
+            if name == "shared.weight":
+                copies[name] = t  # as stored: what the tied copies must equal
             if isinstance(t, Rows) and not int8:  # converted a block of rows at a time (quantize_weight reads its own)
                 t = t.to(dtype)
-            name = key.removeprefix("model.")
             if name not in expected:
                 raise ValueError(f"unexpected tensor {key!r} in {ckpt} (does config.json match the weights?)")
             if t.shape != expected[name].shape:

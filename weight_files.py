@@ -372,12 +372,9 @@ def file_tensors(file: Path, mmap: bool = True, rows: bool = False, first: str |
             if mmap:
                 yield from mapped_tensors(file, up_front(safetensors_layout(file), first))
                 return
-            header, begin = Rows.header(file) if rows else ({}, 0)
-            for name in up_front(tensors.keys(), first):
-                info = header.get(name, {})
-                if len(info.get("shape", ())) == 2:  # a matrix: read by blocks of rows
-                    dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
-                    yield name, Rows(file, begin + info["data_offsets"][0], info["shape"], dtype)
+            for name, start, _, shape, dtype in up_front(safetensors_layout(file), first):
+                if rows and len(shape) == 2:  # a matrix: read by blocks of rows
+                    yield name, Rows(file, start, shape, dtype)
                 else:
                     yield name, tensors.get_tensor(name)
     except SafetensorError as e:
