@@ -194,8 +194,8 @@ class KVCache:
     Each decoding step writes its new keys/values at `input_pos` instead of concatenating, so no
     step allocates or copies the past. Attention reads only the `length` slots filled so far: a
     step at position t attends t+1 keys, not the whole buffer (at t = 10 of 64, six times less
-    work), and one new token needs no mask. Beam search reorders hypotheses by indexing the batch
-    dimension of the filled slots into a spare buffer (DecoderCache.reorder).
+    work), and one new token needs no mask. Beam search moves hypotheses between rows
+    (DecoderCache.reorder), copying only the rows that need it.
     """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor):
@@ -216,23 +216,15 @@ class KVCache:
             B, H, _, Dh = self.buffers[0].shape
             self.k, self.v = (b.view(-1)[: B * H * slots * Dh].view(B, H, slots, Dh) for b in self.buffers)
 
-    def reorder(self, idx: torch.Tensor, spare: "KVCache"):
-        """Beam search: row i := row idx[i] (move, in the same layout)."""
-        self.move(self.k.size(2), spare, idx)
-
-    def move(self, slots: int, spare: "KVCache", idx: torch.Tensor | None = None):
-        """The filled slots (rows reordered, row i := row idx[i], where idx is given), written into `spare`'s
-        buffers laid out for `slots` slots, which then trade places with ours (DecoderCache.advance lays the
-        cache out anew: attention's matmuls read it contiguous). Writing into a buffer that already exists
-        matters on the CPU: a fresh 8 MB tensor per layer and step (beam 8, batch 4) costs page faults that
-        took longer than the copy itself."""
+    def move(self, slots: int, spare: "KVCache"):
+        """The filled slots, written into `spare`'s buffers laid out for `slots` slots, which then trade places
+        with ours (DecoderCache.advance lays the cache out anew: attention's matmuls read it contiguous).
+        Writing into a buffer that already exists matters on the CPU: a fresh 8 MB tensor per layer (beam 8,
+        batch 4) costs page faults that took longer than the copy itself."""
         n = self.length
         spare.lay_out(slots)
         for src, dst in ((self.k, spare.k), (self.v, spare.v)):
-            if idx is None:
-                dst[:, :, :n].copy_(src[:, :, :n])
-            else:
-                torch.index_select(src[:, :, :n], 0, idx, out=dst[:, :, :n])
+            dst[:, :, :n].copy_(src[:, :, :n])
         self.k, self.v, self.buffers, spare.k, spare.v, spare.buffers = (
             spare.k, spare.v, spare.buffers, self.k, self.v, self.buffers)
 
@@ -440,7 +432,11 @@ class DecoderCache:
         if self.block > 1:
             kv[:, 1].zero_()
         *self.self_kv, self.spare = [KVCache(k, v) for k, v in kv]  # (n_hyps, H, max_len, Dh) each
-        self.max_len = max_len
+        self.self_block, self.max_len = kv, max_len
+        # Which row of the self-attention cache holds which hypothesis (reorder): None while row i holds
+        # hypothesis i, else row_of[i] (hypothesis -> row) and hyp_in[r] (row -> hypothesis), tensors (n_hyps,).
+        self.row_of = self.hyp_in = None
+        self.group = n_hyps // (1 if encoder_out is None else encoder_out.size(0))  # rows a source's beams keep to
 
     def advance(self, input_pos: torch.Tensor) -> torch.Tensor | None:
         """Before a step writes positions input_pos (T,): sets the slots filled once it has (one host
@@ -471,9 +467,48 @@ class DecoderCache:
         return torch.zeros(mask.shape, dtype=torch.bfloat16, device=mask.device).masked_fill_(~mask, float("-inf"))
 
     def reorder(self, idx: torch.Tensor):
-        """Beam search: hypothesis i continues from hypothesis idx[i]."""
-        for c in self.self_kv:
-            c.reorder(idx, self.spare)
+        """Beam search: hypothesis i continues from hypothesis idx[i]. Rather than moving every row into place
+        (row i := row idx[i]), hypotheses move between rows: a parent's first child takes over its row as it is,
+        and each further child takes the row of a hypothesis that has no child, into which its parent's filled
+        slots are copied (a row that stays a parent's is never written, so the copies can go in place). Rows of
+        one source stay its rows (cross-attention reads each source's rows as a group). Beam 8 over 4 documents
+        (pegasus-xsum shape, random weights): ~11 of 32 rows copied a step where the move wrote 32; decode
+        permutes its inputs into row order and its outputs back (to_rows, to_hypotheses)."""
+        parents, n = idx.tolist(), len(idx)
+        old = list(range(n)) if self.row_of is None else self.row_of.tolist()
+        new, kept = [None] * n, set()
+        for i, p in enumerate(parents):  # first children keep their parent's row
+            if old[p] not in kept:
+                new[i] = old[p]
+                kept.add(old[p])
+        free = [r for r in range(n) if r not in kept]  # rows of hypotheses without children
+        copies = []
+        for i, p in enumerate(parents):  # further children: a free row of their source, a copy of the parent's
+            if new[i] is None:
+                new[i] = next(r for r in free if r // self.group == i // self.group)
+                free.remove(new[i])
+                copies.append((old[p], new[i]))
+        if copies:
+            # Every layer's keys and values (and the spare's, unused) as rows, in the layout they all share
+            # (DecoderCache.advance lays every layer out alike): one copy per row moves it in all layers at once.
+            c = self.self_kv[0]
+            L, H, S, Dh = self.self_block.size(0), c.k.size(1), c.k.size(2), c.k.size(3)
+            rows = self.self_block.view(L, 2, -1)[:, :, : n * H * S * Dh].view(L, 2, n, H, S, Dh)[..., : c.length, :]
+            for src, dst in copies:
+                rows[:, :, dst].copy_(rows[:, :, src])  # (L, 2, H, length, Dh)
+        if new == list(range(n)):
+            self.row_of = self.hyp_in = None
+        else:
+            self.row_of = torch.tensor(new, device=idx.device)  # (n,) hypothesis -> row
+            self.hyp_in = torch.empty_like(self.row_of).scatter_(0, self.row_of, torch.arange(n, device=idx.device))
+
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_hyps, ...) in hypothesis order -> in cache row order (row r's input is its hypothesis's)."""
+        return x if self.hyp_in is None else x[self.hyp_in]
+
+    def to_hypotheses(self, x: torch.Tensor) -> torch.Tensor:
+        """(n_hyps, ...) in cache row order -> in hypothesis order."""
+        return x if self.row_of is None else x[self.row_of]
 
 
 # ----------------------------------------------------------------------------- model
@@ -639,11 +674,13 @@ class Pegasus(nn.Module):
         else:
             mask = cache.advance(input_pos)  # (T, slots read), or None
             cross_kv, cross_mask = cache.cross_kv, cache.cross_mask
+            decoder_input_ids = cache.to_rows(decoder_input_ids)  # beam search moves hypotheses between rows
         x = self.embed(decoder_input_ids, input_pos, decoder=True)  # (B, T, D)
         for i, layer in enumerate(self.decoder.layers):
             x = self.run_layer(layer, x, mask, None if cross_kv is None else cross_kv[i], cross_mask,
                                None if cache is None else cache.self_kv[i], input_pos)
-        return self.decoder.layer_norm(x)  # (B, T, D)
+        x = self.decoder.layer_norm(x)  # (B, T, D)
+        return x if cache is None else cache.to_hypotheses(x)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None):
         """Full teacher-forced pass: logits (B, T, V). Without decoder ids, scores the first

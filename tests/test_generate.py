@@ -298,28 +298,36 @@ def test_early_stopping_never_on_a_case_built_for_it():
     assert run_scripted(ScriptedLM(table), early_stopping="never", **options) == [[0, 3] + [5] * 9]
 
 
-def test_kv_cache_reorders_into_its_spare_and_refuses_to_overflow(toy, batch):
-    """Beam search's reorder copies the filled slots of each layer into the one spare buffer pair (no
-    fresh tensor per layer and step) and the two trade places; decoding on from the reordered cache
-    equals decoding the reordered prefixes from scratch; a step past the cache's slots is refused."""
+def test_kv_cache_reorder_moves_hypotheses_between_rows_and_refuses_to_overflow(toy, batch):
+    """Beam search's reorder copies no row a parent keeps: its first child takes the row over, a further child
+    takes the row of a hypothesis without children, which gets a copy of the parent's filled slots; decoding
+    on from the reordered cache equals decoding the reordered prefixes from scratch, through a second reorder
+    from the moved rows; a step past the cache's slots is refused."""
     model, _ = toy
     ids, mask = batch
-    ids, mask = ids[:1], mask[:1]  # one document, two hypotheses (beams) of it
+    ids, mask = ids[:1], mask[:1]  # one document, three hypotheses (beams) of it
     with torch.inference_mode():
         enc = model.encode(ids, mask)
-        cache = model.new_cache(enc, mask, n_hyps=2, max_len=3)
-        prefix = torch.tensor([[0, 5, 6], [0, 7, 8]])  # (2, 3) decoder inputs of the two hypotheses
+        cache = model.new_cache(enc, mask, n_hyps=3, max_len=4)
+        prefix = torch.tensor([[0, 5, 6, 9], [0, 7, 8, 10], [0, 11, 12, 13]])  # (3, 4) decoder inputs
         for t in range(2):
             model.decode(prefix[:, t: t + 1], cache=cache, input_pos=torch.tensor([t]))
         layer = cache.self_kv[0]
-        before, spare = layer.k[:, :, :2].clone(), cache.spare.k
-        cache.reorder(torch.tensor([1, 1]))  # both hypotheses continue hypothesis 1
-        assert layer.k is spare and torch.equal(layer.k[:, :, :2], before[[1, 1]])
-        cached = model.logits(model.decode(prefix[[1, 1], 2:3], cache=cache, input_pos=torch.tensor([2])))[:, -1]
-        again = model.logits(model.decode(prefix[[1, 1]], enc.expand(2, -1, -1), mask.expand(2, -1)))[:, -1]
+        before = layer.k[:, :, :2].clone()
+        cache.reorder(torch.tensor([2, 1, 1]))  # hypothesis 0 continues 2, hypotheses 1 and 2 continue 1
+        # 2's first child (0) and 1's first child (1) keep rows 2 and 1; the further child of 1 takes row 0,
+        # the row of old hypothesis 0, which has no child, and only that row is written
+        assert cache.row_of.tolist() == [2, 1, 0] and cache.hyp_in.tolist() == [2, 1, 0]
+        assert torch.equal(layer.k[:, :, :2], before[[1, 1, 2]])
+        order = [2, 1, 1]
+        model.decode(prefix[order, 2:3], cache=cache, input_pos=torch.tensor([2]))
+        cache.reorder(torch.tensor([0, 0, 2]))  # from the moved rows: 0 and 1 continue (new) 0, 2 continues 2
+        order = [order[0], order[0], order[2]]
+        cached = model.logits(model.decode(prefix[order, 3:4], cache=cache, input_pos=torch.tensor([3])))[:, -1]
+        again = model.logits(model.decode(prefix[order], enc.expand(3, -1, -1), mask.expand(3, -1)))[:, -1]
         assert torch.allclose(cached, again, atol=1e-5, rtol=0)
-        with pytest.raises(ValueError, match="past the decoder cache's 3 slots"):
-            model.decode(prefix[:, :1], cache=cache, input_pos=torch.tensor([3]))
+        with pytest.raises(ValueError, match="past the decoder cache's 4 slots"):
+            model.decode(prefix[:, :1], cache=cache, input_pos=torch.tensor([4]))
 
 
 def test_the_heap_is_given_back_before_and_after_building_the_cache(toy, batch, monkeypatch):
