@@ -211,7 +211,7 @@ class KVCache:
 
     def lay_out(self, slots: int):
         """View the buffers as (B, H, slots, Dh), contiguous: the first B*H*slots*Dh elements of each (the
-        values in them are not moved, so this is only for buffers about to be written: reorder, move)."""
+        values in them are not moved, so this is only for buffers about to be written: move)."""
         if self.k.size(2) != slots:
             B, H, _, Dh = self.buffers[0].shape
             self.k, self.v = (b.view(-1)[: B * H * slots * Dh].view(B, H, slots, Dh) for b in self.buffers)
@@ -424,10 +424,10 @@ class DecoderCache:
             self.cross_kv = [(k, v) for k, v in kv]
         # (Bs, 1, 1, S), boolean or added (added_mask)
         self.cross_mask = None if attention_mask is None else self.added_mask(padding_mask(attention_mask))
-        # Every layer's self-attention keys/values, and the spare pair reorder writes into, in one block. Not
-        # zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4 documents), but
-        # where attention reads whole blocks of slots the unfilled ones, masked out, must still hold finite
-        # values (a weight of 0 times NaN is NaN): their values are zeroed then.
+        # Every layer's self-attention keys/values, and the spare pair a move writes into (advance), in one
+        # block. Not zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4
+        # documents), but where attention reads whole blocks of slots the unfilled ones, masked out, must
+        # still hold finite values (a weight of 0 times NaN is NaN): their values are zeroed then.
         kv = torch.empty(len(layers) + 1, 2, n_hyps, H, max_len, Dh, dtype=kv_dtype, device=model.device)
         if self.block > 1:
             kv[:, 1].zero_()

@@ -152,6 +152,38 @@ def test_cache_is_read_in_whole_blocks_of_slots(toy):
     assert (logits[16] - logits[1]).abs().max() <= 0.1 * logits[1].std(), (logits[16] - logits[1]).abs().max()
 
 
+def test_reorder_moves_rows_of_a_cache_laid_out_in_blocks(toy):
+    """Beam search's reorder (DecoderCache.reorder) moves hypotheses between rows and copies a row's filled slots
+    in every layer at once, reading the cache in the layout all layers share: here bfloat16's whole blocks, with
+    reorders before and after a move to a wider layout (16 -> 32 slots at the 17th token). Decoding on from the
+    moved rows gives the logits of the reordered histories decoded from the start in a fresh cache, to the bit."""
+    _, twin = toy
+    ids, mask = toy_inputs(1, TOY)
+    tokens = (7 * torch.arange(24) + 5 * torch.arange(3)[:, None] + 3) % TOY.vocab_size  # (3, 24): what each is fed
+    tokens[:, 0] = TOY.decoder_start_token_id
+
+    def step(cache, fed, t):  # fed (3,) at position t -> logits (3, V)
+        return twin.logits(twin.decode(fed[:, None], cache=cache, input_pos=torch.tensor([t])))[:, -1]
+
+    with torch.inference_mode():
+        enc = twin.encode(ids, mask)
+        cache = twin.new_cache(enc, mask, n_hyps=3, max_len=24)  # 3 hypotheses of one source
+        assert cache.block == 16
+        history = tokens[:, :0]  # (3, t): what each hypothesis has been fed
+        reorders = {3: [2, 2, 0], 10: [1, 0, 0], 17: [0, 2, 2], 18: [2, 1, 0]}
+        for t in range(24):
+            logits = step(cache, tokens[:, t], t)
+            history = torch.cat([history, tokens[:, t: t + 1]], 1)
+            if t in reorders:
+                cache.reorder(torch.tensor(reorders[t]))
+                history = history[reorders[t]]
+        assert cache.row_of is not None  # the last reorders left hypotheses in other rows
+        fresh = twin.new_cache(enc, mask, n_hyps=3, max_len=24)
+        for t in range(24):
+            again = step(fresh, history[:, t], t)
+    assert torch.equal(logits, again)
+
+
 # ----------------------------------------------------------------------------- a broken conversion
 
 
