@@ -102,10 +102,11 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
               progress: bool = False, stats: dict | None = None, numbers: list[int] | None = None,
               original: bool = False, quantize: str | None = None, **generation_args) -> list[str]:
     """Summaries of a text or a list of texts: what the reference's pipeline("summarization") gives.
-    `model` is a hub id, a directory (both loaded once, see load) or a (model, tokenizer) pair, used
-    as it is; generation_args go to generate() (options=DecodingOptions(...) and/or its keyword
-    overrides). `stats`, if given, receives token count and time; `numbers` are what notes call the
-    texts (default 1, 2, ...); quantize="int8" loads int8 weights (see load).
+    `model` is a hub id, a directory (both loaded once, see load, with the CLI's hints: documents per
+    batch and beams) or a (model, tokenizer) pair, used as it is; generation_args go to generate()
+    (options=DecodingOptions(...) and/or its keyword overrides). `stats`, if given, receives token
+    count and time; `numbers` are what notes call the texts (default 1, 2, ...); quantize="int8"
+    loads int8 weights (see load).
 
     original=True runs the checkpoint as the original PEGASUS code did (README, "Reference or
     original"): the TF position formula, "<n>" newlines (in the text and in the summary) and the
@@ -114,7 +115,11 @@ def summarize(texts, model="google/pegasus-xsum", *, batch_size: int = 8, dtype=
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError("empty input: every text to summarize must be a non-empty string")
-    net, tok = model if isinstance(model, tuple) else load(model, dtype, device, original=original, quantize=quantize)
+    if not isinstance(model, tuple):  # loaded for the decoding asked for, as the CLI loads it (see load's hints)
+        beams = generation_args.get("num_beams") or generation_args.get("options", DecodingOptions()).num_beams
+        model = load(model, dtype, device, original=original, quantize=quantize, batch=min(batch_size, len(texts)),
+                     num_beams=beams)
+    net, tok = model
     if original:
         if net.config.position_formula != "original" or not tok.newline_to_n:
             raise ValueError("original=True needs a model and tokenizer from load_model(..., original=True)")

@@ -250,7 +250,22 @@ def test_load_hints_the_int8_kernels_with_batch_times_beams(checkpoint):
     assert net.shared.rows_per_call == 24 and net.decoder.layers[0].self_attn.q_proj.rows_per_call == 24
     assert net.encoder.layers[0].fc1.rows_per_call == net.decoder.layers[0].encoder_attn.k_proj.rows_per_call \
         == SOURCE_ROWS
-    assert generate.load(str(checkpoint), quantize="int8")[0].shared.rows_per_call is None  # summarize(): not known
+    assert generate.load(str(checkpoint), quantize="int8")[0].shared.rows_per_call is None  # not known: any decoding
+
+
+def test_summarize_loads_as_the_cli_does(checkpoint):
+    """summarize() with a checkpoint loads it with the CLI's hints (documents per batch, beams): the same model
+    as the CLI's load for that job, whose int8 kernels are chosen for batch x beams rows."""
+    generate.summarize([TEXT, TEXT + " again", "and a third"], str(checkpoint), quantize="int8", batch_size=2,
+                       num_beams=3, max_new_tokens=4)
+    loaded = len(generate._LOADED)
+    net, _ = generate.load(str(checkpoint), quantize="int8", batch=2, num_beams=3)
+    assert len(generate._LOADED) == loaded  # the model summarize() loaded
+    assert net.shared.rows_per_call == 6 and net.decoder.layers[0].fc1.rows_per_call == 6
+    generate.summarize(TEXT, str(checkpoint), quantize="int8", options=generate.DecodingOptions(num_beams=1))
+    loaded = len(generate._LOADED)
+    assert generate.load(str(checkpoint), quantize="int8", batch=1, num_beams=1)[0].shared.rows_per_call == 1
+    assert len(generate._LOADED) == loaded
 
 
 def test_cli_refuses_int8_with_another_dtype(checkpoint):
