@@ -434,8 +434,8 @@ class DecoderCache:
         *self.self_kv, self.spare = [KVCache(k, v) for k, v in kv]  # (n_hyps, H, max_len, Dh) each
         self.self_block, self.max_len = kv, max_len
         # Which row of the self-attention cache holds which hypothesis (reorder): None while row i holds
-        # hypothesis i, else row_of[i] (hypothesis -> row) and hyp_in[r] (row -> hypothesis), tensors (n_hyps,).
-        self.row_of = self.hyp_in = None
+        # hypothesis i, else a tensor (n_hyps,), row_of[i] = the row of hypothesis i.
+        self.row_of = None
         self.group = n_hyps // (1 if encoder_out is None else encoder_out.size(0))  # rows a source's beams keep to
 
     def advance(self, input_pos: torch.Tensor) -> torch.Tensor | None:
@@ -496,15 +496,11 @@ class DecoderCache:
             rows = self.self_block.view(L, 2, -1)[:, :, : n * H * S * Dh].view(L, 2, n, H, S, Dh)[..., : c.length, :]
             for src, dst in copies:
                 rows[:, :, dst].copy_(rows[:, :, src])  # (L, 2, H, length, Dh)
-        if new == list(range(n)):
-            self.row_of = self.hyp_in = None
-        else:
-            self.row_of = torch.tensor(new, device=idx.device)  # (n,) hypothesis -> row
-            self.hyp_in = torch.empty_like(self.row_of).scatter_(0, self.row_of, torch.arange(n, device=idx.device))
+        self.row_of = None if new == list(range(n)) else torch.tensor(new, device=idx.device)  # (n,) hypothesis -> row
 
     def to_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(n_hyps, ...) in hypothesis order -> in cache row order (row r's input is its hypothesis's)."""
-        return x if self.hyp_in is None else x[self.hyp_in]
+        return x if self.row_of is None else x[self.row_of.argsort()]  # argsort of a permutation: its inverse
 
     def to_hypotheses(self, x: torch.Tensor) -> torch.Tensor:
         """(n_hyps, ...) in cache row order -> in hypothesis order."""
