@@ -16,6 +16,7 @@ Parameter names follow the Hugging Face checkpoint layout (`encoder.layers.0.sel
 attention, layers, model.
 """
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -229,6 +230,13 @@ class KVCache:
             spare.k, spare.v, spare.buffers, self.k, self.v, self.buffers)
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), on which oneDNN's bfloat16 and
+    int8 matmuls run; it changes which bfloat16 attention path is faster (Attention.attend)."""
+    return torch.cpu._is_amx_tile_supported()
+
+
 class Attention(nn.Module):
     """Multi-head attention, used for encoder self-attention, decoder self-attention (with a
     KV cache) and decoder cross-attention (keys/values from the encoder).
@@ -264,9 +272,12 @@ class Attention(nn.Module):
         """softmax(q k^T / sqrt(Dh)) v for queries (B, H, T, Dh) and keys/values (B, H, S, Dh), mask
         boolean (True = may attend) or additive. Returns (out, the weights on the math path, else None)."""
         p = self.dropout if self.training else 0.0
-        # PyTorch's fused CPU kernel is 4-9x slower than the math below for a decoding step's few bfloat16
-        # query rows (1 row, 505 keys, 16 heads: 1.2 ms vs 0.13 ms; float32 fused: 0.17 ms; torch 2.13, Zen 4).
-        slow_fused = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) <= 8
+        # A decoding step's few bfloat16 query rows: without AMX, PyTorch's fused CPU kernel is 4-9x slower than
+        # the math below (1 row, 505 keys, 16 heads: 1.2 ms vs 0.13 ms; float32 fused: 0.17 ms; torch 2.13, Zen 4).
+        # With AMX its tile matmuls make it the faster one for up to 8 rows in all (1 row, 505 keys: 39 vs 101 us;
+        # 8 rows: 113 vs 141), but not for many hypotheses at once (32 x 1 row, 64 keys: 480 vs 372; Xeon).
+        slow_fused = (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(-2) <= 8
+                      and not (cpu_has_amx() and q.size(0) * q.size(-2) <= 8))
         if self.use_sdpa and not self.keep_weights and not slow_fused:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p), None
         # Scaling the queries rather than the scores: fewer numbers (T*Dh, not T*S), and with Dh = 64 the
@@ -401,9 +412,11 @@ class DecoderCache:
         cfg = model.config
         layers = model.decoder.layers
         # Narrower keys/values (model.kv_dtype) pay where several hypotheses read each source (beam search):
-        # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster.
+        # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster, except
+        # with AMX, where the fused kernel reads bfloat16 fastest (Attention.attend; int8 greedy 2.18 -> 2.07 s).
         shared = encoder_out is not None and n_hyps > encoder_out.size(0)
-        kv_dtype = model.kv_dtype if model.kv_dtype is not None and shared else model.dtype
+        narrow = model.kv_dtype is not None and (shared or (cpu_has_amx() and model.device.type == "cpu"))
+        kv_dtype = model.kv_dtype if narrow else model.dtype
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
         # (int8 beam 8 over 4 documents, Zen 4). Self-attention reading whole blocks of 16 slots, the unfilled
@@ -427,10 +440,11 @@ class DecoderCache:
         # Every layer's self-attention keys/values, and the spare pair a move writes into (advance), in one
         # block. Not zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4
         # documents), but where attention reads whole blocks of slots the unfilled ones, masked out, must
-        # still hold finite values (a weight of 0 times NaN is NaN): their values are zeroed then.
+        # still hold finite values: a weight of 0 times NaN is NaN, and the fused kernel adds the mask to the
+        # scores, where -inf + NaN is NaN (the math's masked_fill overwrites them). So they are zeroed then.
         kv = torch.empty(len(layers) + 1, 2, n_hyps, H, max_len, Dh, dtype=kv_dtype, device=model.device)
         if self.block > 1:
-            kv[:, 1].zero_()
+            kv.zero_()
         *self.self_kv, self.spare = [KVCache(k, v) for k, v in kv]  # (n_hyps, H, max_len, Dh) each
         self.self_block, self.max_len = kv, max_len
         # Which row of the self-attention cache holds which hypothesis (reorder): None while row i holds

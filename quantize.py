@@ -115,13 +115,13 @@ How it plugs into the model
     quantize_model(model)     # every nn.Linear -> Int8Linear, model.shared -> Int8TiedEmbedding
 
 quantize_model also lets decoding take two liberties that float32 never takes (Pegasus.__init__):
-`encode_each`, each right-padded document of a batch encoded alone at its own length (decoding.encode:
-no work on padding, and a document's activations are not scaled together with its batch-mates'), and,
-where oneDNN has bfloat16 kernels, `kv_dtype = bfloat16` for beam search's attention keys/values
-(pegasus.DecoderCache: half the bytes read and reordered each step). Measured at pegasus-xsum shape,
-beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4: encoder 1.9 -> 1.3 s, cross-attention
-~24 -> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error where it
-was (tests/test_quantize.py::test_decoding_liberties_stay_close).
+`encode_each`, each right-padded document of a batch encoded alone at its own length (decoding.encode: no work
+on padding, and a document's activations are not scaled together with its batch-mates'), and, where oneDNN has
+bfloat16 kernels, `kv_dtype = bfloat16` for beam search's attention keys/values, and greedy decoding's too on
+a CPU with AMX (pegasus.DecoderCache: half the bytes read and reordered each step). Measured at pegasus-xsum
+shape, beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4: encoder 1.9 -> 1.3 s,
+cross-attention ~24 -> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error
+where it was (tests/test_quantize.py::test_decoding_liberties_stay_close).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
 `project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs

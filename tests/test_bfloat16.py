@@ -28,6 +28,7 @@ import torch
 from test_quantize import TOY, random_batch, random_model, spread_errors  # the int8 tests' models and measure
 from toy import same_texts, texts, toy_batch, toy_inputs
 
+import pegasus
 from decoding import generate
 from onednn import OneDNNLinear, PackedTiedEmbedding, bf16_supported, use_onednn
 from pegasus import shift_right
@@ -122,13 +123,16 @@ def test_toy_model_generates_the_same_ids(toy, kw):
     assert all(len(t) >= 2 for t in texts(out, TOY.eos_token_id))  # a token, then EOS: nothing empty
 
 
-def test_cache_is_read_in_whole_blocks_of_slots(toy):
+@pytest.mark.parametrize("amx", [False, True], ids=["math", "fused"])
+def test_cache_is_read_in_whole_blocks_of_slots(toy, amx, monkeypatch):
     """bfloat16 on the CPU: decoder self-attention reads its cache in whole blocks of 16 slots (fewer
     shapes for oneDNN to build kernels for: pegasus.DecoderCache), the slots not yet filled masked
-    out. Their keys poisoned with NaN change nothing, and each cached step gives the logits of
+    out. Their keys poisoned with large values change nothing, and each cached step gives the logits of
     reading exactly the filled slots (block 1, as float32 always does). Past the first block the
     cache is laid out again, as exactly the slots read: one contiguous tensor per layer, whose
-    filled slots were moved with it (the logits of the steps after the move check that)."""
+    filled slots were moved with it (the logits of the steps after the move check that). Both attention
+    paths: the plain math (masked_fill), and the fused kernel (the mask added), which a CPU with AMX takes."""
+    monkeypatch.setattr(pegasus, "cpu_has_amx", lambda: amx)
     _, twin = toy
     ids, mask = toy_inputs(1, TOY)
     prefix = torch.tensor([[TOY.decoder_start_token_id, *range(5, 24)]])  # (1, 20) decoder inputs: 2 blocks
@@ -140,7 +144,9 @@ def test_cache_is_read_in_whole_blocks_of_slots(toy):
             assert cache.block == 16  # bfloat16 on the CPU
             cache.block = block
             for c in [*cache.self_kv, cache.spare]:
-                c.k.fill_(float("nan"))  # every slot: the filled ones are overwritten, the rest must be masked
+                # every slot: the filled ones are overwritten, the rest must be masked. Finite: the fused kernel
+                # adds the mask (-inf + NaN is NaN), so the cache's slots are zeroed when it is made (next test).
+                c.k.copy_(1e4 * torch.randn(c.k.shape, generator=torch.Generator().manual_seed(0)))
             logits[block] = torch.cat([twin.logits(twin.decode(prefix[:, t: t + 1], cache=cache,
                                                                input_pos=torch.tensor([t])))[:, -1]
                                        for t in range(prefix.size(1))]).float()  # (20, V)
@@ -150,6 +156,28 @@ def test_cache_is_read_in_whole_blocks_of_slots(toy):
     assert torch.isfinite(logits[16]).all()
     # measured: the same to within one bfloat16 step of the logits (~0.03 of their spread)
     assert (logits[16] - logits[1]).abs().max() <= 0.1 * logits[1].std(), (logits[16] - logits[1]).abs().max()
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["math", "fused"])
+def test_decoding_does_not_read_uninitialised_memory(toy, amx, monkeypatch):
+    """torch.empty's memory may hold anything, NaN included (the bytes of a freed tensor): decoding must not
+    depend on it. With every floating-point torch.empty filled with NaN, greedy decoding (8 documents) and beam
+    search (4 beams of 2) give the same ids as before, past a move to a wider cache layout, on both attention
+    paths: the fused kernel reads the unfilled slots of a cache laid out in blocks too (DecoderCache zeroes them)."""
+    monkeypatch.setattr(pegasus, "cpu_has_amx", lambda: amx)
+    _, twin = toy
+    ids, mask = toy_inputs(8, TOY)
+    jobs = [(ids, mask, dict(num_beams=1)), (ids[:2], mask[:2], dict(num_beams=4))]
+    clean = [generate(twin, i, m, max_new_tokens=20, min_new_tokens=20, **kw) for i, m, kw in jobs]
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for (i, m, kw), ref in zip(jobs, clean):
+        assert torch.equal(generate(twin, i, m, max_new_tokens=20, min_new_tokens=20, **kw), ref), kw
 
 
 def test_reorder_moves_rows_of_a_cache_laid_out_in_blocks(toy):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from toy import TOY as TOY_FIELDS
 from toy import pad_batch, same_state, same_texts, toy_batch, toy_inputs
 
+import pegasus
 import quantize
 from decoding import encode
 from generate import generate
@@ -235,7 +236,7 @@ def test_random_model_bounds_catch_per_tensor_scales(kind, monkeypatch):
 def decoding_logits(model, ids, mask, dec):
     """Teacher-forced logits through decoding's own path: decoding.encode and the decoder cache (every
     decoder position in one cached step), with two hypotheses per source as beam search runs them (one
-    per source keeps float32 keys/values: DecoderCache)."""
+    per source keeps float32 keys/values, except on a CPU with AMX: DecoderCache)."""
     with torch.no_grad():
         cache = model.new_cache(encode(model, ids, mask), mask, 2 * ids.size(0), dec.size(1))
         h = model.decode(dec.repeat_interleave(2, 0), cache=cache, input_pos=torch.arange(dec.size(1)))
@@ -294,18 +295,26 @@ def test_toy_model_teacher_forced(toy):
     assert dmax < 0.4 and dmean < 0.025 and top1 > 0.98, (dmax, dmean, top1)
 
 
-@pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=4, length_penalty=0.6)], ids=["greedy", "beam4"])
-def test_toy_model_generates_the_same_ids(toy, kw):
+@pytest.mark.parametrize("kw, amx", [(dict(num_beams=1), None), (dict(num_beams=4, length_penalty=0.6), None),
+                                     (dict(num_beams=1), True)], ids=["greedy", "beam4", "greedy-amx-path"])
+def test_toy_model_generates_the_same_ids(toy, kw, amx, monkeypatch):
+    """amx=True: the path a CPU with AMX takes on any CPU (bfloat16 keys/values for greedy decoding too, read by
+    the fused attention kernel: pegasus.DecoderCache, Attention.attend); None: this CPU's own."""
     model, twin = toy
     ids, mask = toy_inputs(48, TOY)
+    if amx is not None:
+        monkeypatch.setattr(pegasus, "cpu_has_amx", lambda: amx)
+        with torch.no_grad():  # one hypothesis per source: the narrower keys/values all the same
+            cache = twin.new_cache(twin.encode(ids[:1], mask[:1]), mask[:1], n_hyps=1, max_len=4)
+        assert cache.cross_kv[0][0].dtype == (twin.kv_dtype or torch.float32)
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
     same = same_texts(ref, out, TOY.eos_token_id)
-    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them); Intel
-    # Xeon (AMX) 44 and 45 (43 and 47 without). The toy is trained on the CPU that runs the test, and each CPU's
-    # float32 arithmetic trains a slightly different model with its own near-ties. Rows that differ are such
-    # near-ties, not errors: one scale for a whole matrix (per_tensor) gave 43 and 46 there, truncating 46 and
-    # 47; the logit bounds above are what catch those quantizers. This bound catches a quantizer that breaks the
-    # model outright.
+    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them); Intel Xeon
+    # (AMX) 44 and 45 (43 and 47 without; greedy 44 with float32 keys/values as with bfloat16, AMX's path). The toy
+    # is trained on the CPU that runs the test, and each CPU's float32 arithmetic trains a slightly different model
+    # with its own near-ties. Rows that differ are such near-ties, not errors: one scale for a whole matrix
+    # (per_tensor) gave 43 and 46 there, truncating 46 and 47; the logit bounds above are what catch those
+    # quantizers. This bound catches a quantizer that breaks the model outright.
     assert same >= 42, same
 
 
