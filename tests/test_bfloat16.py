@@ -73,12 +73,11 @@ def same_rows(model, twin, **kw) -> tuple[int, torch.Tensor]:
 RANDOM = dict(max=0.08, mean=0.015, top1=0.85)
 # measured: max 0.025, mean 0.0027, top-1 1.0 (576 of 576 positions); the same without oneDNN.
 TOY_FORCED = dict(max=0.08, mean=0.008, top1=0.98)
-# measured (Zen 4; Intel Xeon with AMX: 44 and 47): 47 of 48 rows greedy, 46 of 48 with beam 4, encoding each
-# document alone as load_model's bfloat16
-# models do (46 and 46 as one padded batch; the int8 twin: 47 and 47). Each row that differs
-# is a near-tie: greedy picks another of the four variants, beam search the other branch. Of the
-# greedy rows, ~10 have a step whose top-2 gap bfloat16 moves by 70% or more, so another CPU's
-# kernels may flip a few more: hence the margin.
+# measured (Zen 4; Intel Xeon with AMX: 44 and 46, 47 with beam 4 before its fused attention path): 47 of 48 rows
+# greedy, 46 of 48 with beam 4, encoding each document alone as load_model's bfloat16 models do (46 and 46 as one
+# padded batch; the int8 twin: 47 and 47). Each row that differs is a near-tie: greedy picks another of the four
+# variants, beam search the other branch. Of the greedy rows, ~10 have a step whose top-2 gap bfloat16 moves by 70%
+# or more, so another CPU's kernels may flip a few more: hence the margin.
 SAME_ROWS = 40
 
 
