@@ -258,6 +258,9 @@ class Attention(nn.Module):
         self.use_sdpa = True  # False: plain-math path
         self.keep_weights = False  # math path only: store softmax weights in self.weights
         self.weights = None
+        # A liberty of reduced precision, never float32's (quantize_model sets it for the int8 encoder on a CPU with
+        # AMX): softmax(q k^T) v computed in this dtype, the output cast back. None: in the inputs' dtype.
+        self.compute_dtype: torch.dtype | None = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -271,6 +274,11 @@ class Attention(nn.Module):
     def attend(self, q, k, v, mask):
         """softmax(q k^T / sqrt(Dh)) v for queries (B, H, T, Dh) and keys/values (B, H, S, Dh), mask
         boolean (True = may attend) or additive. Returns (out, the weights on the math path, else None)."""
+        cd = self.compute_dtype
+        if cd is not None and q.dtype != cd:
+            mask = mask.to(cd) if mask is not None and mask.is_floating_point() else mask  # an additive one too
+            out, w = self.attend(q.to(cd), k.to(cd), v.to(cd), mask)
+            return out.to(q.dtype), w
         p = self.dropout if self.training else 0.0
         # A decoding step's few bfloat16 query rows: without AMX, PyTorch's fused CPU kernel is 4-9x slower than
         # the math below (1 row, 505 keys, 16 heads: 1.2 ms vs 0.13 ms; float32 fused: 0.17 ms; torch 2.13, Zen 4).
@@ -569,6 +577,7 @@ class Pegasus(nn.Module):
         self.grad_checkpoint = False  # True: recompute each layer's activations in backward (train.py sets it)
         # Liberties decoding may take with reduced precision, never with the float32 default (the reference's
         # arithmetic, bit for bit). Set by quantize_model (kv_dtype where oneDNN has bf16) and load_model(bf16 on CPU).
+        # (A third, per Attention module: compute_dtype, the int8 encoder's attention in bf16 on AMX CPUs.)
         self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
         self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
         self.init_buffers()

@@ -103,6 +103,8 @@ class GlobalLocalAttention(Attention):
         B, T, D = h.shape
         G, S, H, Dh, K = n_global, T - n_global, self.n_heads, self.head_dim, block_size
         q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)  # (B, G+S, D) each
+        if self.compute_dtype is not None:  # int8 on AMX (Attention.compute_dtype): cast once, before the blocks'
+            q, k, v = (t.to(self.compute_dtype) for t in (q, k, v))  # copies, not in every attend call beside them
 
         # Global queries: one attention over everything.
         g_out, g_w = self.attend(self.split_heads(q[:, :G]), self.split_heads(k), self.split_heads(v),
@@ -131,7 +133,7 @@ class GlobalLocalAttention(Attention):
             self.weights = {"local": l_w.view(B, N, H, K, G + K), "global": g_w}  # (B, N, H, K, G+K), (B, H, G, G+S)
         x_out = l_out.view(B, N, H, K, Dh).transpose(2, 3).reshape(B, L, D)[:, shift: shift + S]  # (B, S, D)
         g_out = g_out.transpose(1, 2).reshape(B, G, D)  # (B, G, D)
-        return self.out_proj(torch.cat([g_out, x_out], dim=1))  # (B, G+S, D)
+        return self.out_proj(torch.cat([g_out, x_out], dim=1).to(h.dtype))  # (B, G+S, D)
 
 
 # ----------------------------------------------------------------------------- encoder

@@ -114,14 +114,19 @@ How it plugs into the model
 ---------------------------
     quantize_model(model)     # every nn.Linear -> Int8Linear, model.shared -> Int8TiedEmbedding
 
-quantize_model also lets decoding take two liberties that float32 never takes (Pegasus.__init__):
-`encode_each`, each right-padded document of a batch encoded alone at its own length (decoding.encode: no work
-on padding, and a document's activations are not scaled together with its batch-mates'), and, where oneDNN has
-bfloat16 kernels, `kv_dtype = bfloat16` for beam search's attention keys/values, and greedy decoding's too on
-a CPU with AMX (pegasus.DecoderCache: half the bytes read and reordered each step). Measured at pegasus-xsum
-shape, beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4: encoder 1.9 -> 1.3 s,
-cross-attention ~24 -> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error
-where it was (tests/test_quantize.py::test_decoding_liberties_stay_close).
+quantize_model also lets decoding take liberties that float32 never takes (Pegasus.__init__): `encode_each`,
+each right-padded document of a batch encoded alone at its own length (decoding.encode: no work on padding,
+and a document's activations are not scaled together with its batch-mates'), and, where oneDNN has bfloat16
+kernels, `kv_dtype = bfloat16` for beam search's attention keys/values, and greedy decoding's too on a CPU
+with AMX (pegasus.DecoderCache: half the bytes read and reordered each step). Measured at pegasus-xsum shape,
+beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4: encoder 1.9 -> 1.3 s, cross-attention ~24
+-> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error where it was
+(tests/test_quantize.py::test_decoding_liberties_stay_close). On a CPU with AMX, a third: the encoder's
+attention in bfloat16 (`Attention.compute_dtype`), on the fused kernel's bfloat16 tiles, its float32 results
+cast back (Intel Xeon, 2 threads, alternating fresh processes: one 505-token document's int8 encoding
+0.235-0.238 -> 0.194 s; PEGASUS-X base's encoder, one pair: 1.8 -> 1.3 s at 4,096 tokens, 8.5 -> 7.1 s at
+16,384, peak 1.36 -> 1.39 GB), its error measured in tests/test_quantize.py
+(test_encoder_attention_in_bfloat16_is_taken_and_stays_close, and the liberties' test with it).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
 `project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
@@ -153,6 +158,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onednn import bf16_supported, per_step
+from pegasus import Attention, cpu_has_amx
 
 # quantize_weight works on blocks of rows of at most this many floats (512 KB): no full float temporary
 # of a big matrix (the 96103 x 1024 embedding), and blocks small enough that the allocator hands the
@@ -618,6 +624,10 @@ def quantize_model(model: nn.Module, step_rows: int | None = None) -> nn.Module:
     model.encode_each = True
     if bf16_supported():  # half the bytes per step; measured in tests/test_quantize.py
         model.kv_dtype = torch.bfloat16
+    if bf16_supported() and cpu_has_amx():  # the encoder's attention on AMX's bfloat16 tiles (see the module docstring)
+        for m in model.encoder.modules():
+            if isinstance(m, Attention):
+                m.compute_dtype = torch.bfloat16
     return model
 
 
