@@ -234,7 +234,10 @@ class KVCache:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), on which oneDNN's bfloat16 and
     int8 matmuls run; it changes which bfloat16 attention path is faster (Attention.attend)."""
-    return torch.cpu._is_amx_tile_supported()
+    try:
+        return torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a PyTorch without the probe: the paths made for every other CPU
+        return False
 
 
 class Attention(nn.Module):
@@ -424,7 +427,7 @@ class DecoderCache:
         # with AMX, where the fused kernel reads bfloat16 fastest (Attention.attend; int8 greedy 1.97-2.19 -> 1.92-1.99
         # s, Xeon).
         shared = encoder_out is not None and n_hyps > encoder_out.size(0)
-        narrow = model.kv_dtype is not None and (shared or (cpu_has_amx() and model.device.type == "cpu"))
+        narrow = model.kv_dtype is not None and (shared or (model.device.type == "cpu" and cpu_has_amx()))
         kv_dtype = model.kv_dtype if narrow else model.dtype
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
