@@ -308,7 +308,7 @@ def cpu_and_onednn_int8(cpu_has) -> bool:
 @functools.cache
 def amx_int8() -> bool:
     """AMX tiles (Intel Sapphire Rapids and later), and oneDNN's int8 ops."""
-    return cpu_and_onednn_int8(lambda: torch.cpu._is_amx_tile_supported())
+    return cpu_and_onednn_int8(cpu_has_amx)
 
 
 @functools.cache
