@@ -337,6 +337,13 @@ def set_attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: boo
             m.use_sdpa, m.keep_weights = sdpa, keep_weights
 
 
+def set_attention_dtype(module: nn.Module, dtype: torch.dtype | None):
+    """Compute every Attention of `module` in `dtype` (Attention.compute_dtype; None: the inputs' dtype)."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.compute_dtype = dtype
+
+
 @contextmanager
 def attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
     """set_attention_mode inside the `with` block, the previous modes back on exit (weights kept

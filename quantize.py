@@ -158,7 +158,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from onednn import bf16_supported, per_step
-from pegasus import Attention, cpu_has_amx
+from pegasus import cpu_has_amx, set_attention_dtype
 
 # quantize_weight works on blocks of rows of at most this many floats (512 KB): no full float temporary
 # of a big matrix (the 96103 x 1024 embedding), and blocks small enough that the allocator hands the
@@ -625,9 +625,7 @@ def quantize_model(model: nn.Module, step_rows: int | None = None) -> nn.Module:
     if bf16_supported():  # half the bytes per step; measured in tests/test_quantize.py
         model.kv_dtype = torch.bfloat16
     if bf16_supported() and cpu_has_amx():  # the encoder's attention on AMX's bfloat16 tiles (see the module docstring)
-        for m in model.encoder.modules():
-            if isinstance(m, Attention):
-                m.compute_dtype = torch.bfloat16
+        set_attention_dtype(model.encoder, torch.bfloat16)
     return model
 
 

@@ -244,8 +244,8 @@ def decoding_logits(model, ids, mask, dec):
         return model.logits(h[::2])  # (B, T, V): each source's first hypothesis
 
 
-def encoder_attention_dtypes(model) -> set:
-    return {m.compute_dtype for m in model.encoder.modules() if isinstance(m, pegasus.Attention)}
+def attention_dtypes(module) -> set:
+    return {m.compute_dtype for m in module.modules() if isinstance(m, pegasus.Attention)}
 
 
 @pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
@@ -254,11 +254,11 @@ def test_quantize_model_takes_decodings_liberties(amx, monkeypatch):
     monkeypatch.setattr(quantize, "cpu_has_amx", lambda: amx)
     model = Pegasus(PegasusConfig(**SMALL))
     assert model.kv_dtype is None and not model.encode_each  # float32: the reference's arithmetic
-    assert {m.compute_dtype for m in model.modules() if isinstance(m, pegasus.Attention)} == {None}
+    assert attention_dtypes(model) == {None}
     quantize_model(model)
     assert model.encode_each and model.kv_dtype == (torch.bfloat16 if bf16_supported() else None)
-    assert encoder_attention_dtypes(model) == {torch.bfloat16 if amx and bf16_supported() else None}
-    assert {m.compute_dtype for m in model.decoder.modules() if isinstance(m, pegasus.Attention)} == {None}
+    assert attention_dtypes(model.encoder) == {torch.bfloat16 if amx and bf16_supported() else None}
+    assert attention_dtypes(model.decoder) == {None}
 
 
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
@@ -269,9 +269,7 @@ def test_encoder_attention_in_bfloat16_is_taken_and_stays_close(kind):
     ids, mask, _ = random_batch()  # padded: the masks go along
     with torch.no_grad():
         ref = model.encode(ids, mask)
-        for m in model.encoder.modules():
-            if isinstance(m, pegasus.Attention):
-                m.compute_dtype = torch.bfloat16
+        pegasus.set_attention_dtype(model.encoder, torch.bfloat16)
         out = model.encode(ids, mask)
     err = ((out - ref).abs().max() / ref.std()).item()
     # measured (pegasus / pegasus_x): 0.0091 / 0.0109 of the states' spread at the most
@@ -291,9 +289,7 @@ def test_decoding_liberties_stay_close(kind, amx, monkeypatch):
     # (pegasus / pegasus_x, Zen 4) max 0.0078 / 0.0095, mean 0.0013 / 0.0015, top-1 1.0; with the encoder's
     # attention in bfloat16 too (Xeon): max 0.0065 / 0.0116, mean 0.0013 / 0.0015, top-1 1.0 / 0.96.
     model.encode_each, model.kv_dtype = True, torch.bfloat16
-    for m in model.encoder.modules():
-        if isinstance(m, pegasus.Attention) and amx:
-            m.compute_dtype = torch.bfloat16
+    pegasus.set_attention_dtype(model.encoder, torch.bfloat16 if amx else None)
     dmax, dmean, top1 = logit_errors(ref, decoding_logits(model, ids, mask, dec))
     # (pegasus_x's 23 of 24 with the encoder's attention in bfloat16: a near-tie of the random model flips)
     assert 0 < dmean < 0.003 and dmax < 0.02 and top1 >= (0.95 if amx else 1), (dmax, dmean, top1)
@@ -301,7 +297,7 @@ def test_decoding_liberties_stay_close(kind, amx, monkeypatch):
     # 0.127, mean 0.0187 / 0.0229 (int8 without the liberties: 0.106 / 0.130, 0.0196 / 0.0238); with the encoder's
     # attention in bfloat16 (Xeon): max 0.098 / 0.117, mean 0.0186 / 0.0232, top-1 0.96 / 0.96.
     twin = int8_twin(random_model(kind))  # quantize_model's liberties, as on this CPU (amx: as on one with AMX)
-    assert encoder_attention_dtypes(twin) == {torch.bfloat16 if amx and bf16_supported() else None}
+    assert attention_dtypes(twin.encoder) == {torch.bfloat16 if amx and bf16_supported() else None}
     dmax, dmean, top1 = logit_errors(ref, decoding_logits(twin, ids, mask, dec))
     assert dmax < RANDOM_MAX and dmean < RANDOM_MEAN and top1 > RANDOM_TOP1, (dmax, dmean, top1)
 
