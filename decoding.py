@@ -22,8 +22,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from memory import give_back_freed_memory
-
 NEG = -1e9  # "ruled out" in beam bookkeeping; finite, as in the reference, so that sums stay ordered
 
 
@@ -390,20 +388,6 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     return out
 
 
-def new_cache(model, encoder_out: torch.Tensor, attention_mask: torch.Tensor | None, n_hyps: int, max_len: int):
-    """The decoder's cache (cross-attention keys/values, a self-attention cache for n_hyps), with the heap
-    memory that encoding freed given back to the system before it is built, and what building it freed
-    (each layer's key/value projections) after. glibc keeps both resident for reuse, but the cache is
-    one large block of its own mapping and a decoding step needs a fraction of that: kept, they sat
-    beside the cache at the process's peak. Measured at pegasus-xsum shape, int8, one process (Zen 4,
-    2 threads, MiB): beam 8 over 4 documents peaked at 1,231-1,244 without, 1,129-1,153 with (only after
-    the cache: 1,214-1,226); greedy 940-942 without, 895-905 with. The same arithmetic either way."""
-    give_back_freed_memory()
-    cache = model.new_cache(encoder_out, attention_mask, n_hyps, max_len)
-    give_back_freed_memory()
-    return cache
-
-
 def hidden_states(model, seqs, t: int, cache, encoder_out, attention_mask, positions) -> torch.Tensor:
     """The decoder's final states at the newest position t, (n, D)."""
     if cache is not None:  # feed only the newest token; the cache holds the rest
@@ -431,7 +415,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     search = search_rule(o, tok, B, device)
     n = B * search.width  # hypotheses; rows i*width .. (i+1)*width-1 belong to document i
     encoder_out = encode(model, input_ids, attention_mask)  # (B, S, D), once per document
-    cache = new_cache(model, encoder_out, attention_mask, n, o.max_new_tokens) if o.use_cache else None
+    cache = model.new_cache(encoder_out, attention_mask, n, o.max_new_tokens) if o.use_cache else None
     if cache is not None:
         encoder_out = None  # the cache holds its keys/values: the states (B, S, D) need not stay for the search
     seqs = input_ids.new_full((n, 1 + o.max_new_tokens), search.fill)  # (n, 1+T)

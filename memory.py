@@ -5,8 +5,9 @@ the largest block freed so far, up to 32 MB) from a memory mapping of its own, g
 smaller ones from its heap, where a freed block between live ones stays resident for the next
 allocation. Two moments in this project free a lot at once and then allocate differently:
 - loading converts and frees tensor after tensor (returning_freed_memory, around load_model);
-- encoding frees its activations, and the decoder cache that comes next is one large block of its own
-  mapping (decoding.new_cache calls give_back_freed_memory before and after building it).
+- encoding frees its activations, and the decoder cache that comes next is two large blocks of their own
+  mappings (pegasus.DecoderCache calls give_back_freed_memory before the first, and again between the two,
+  once the key/value projections written into the first are freed).
 """
 
 import ctypes
@@ -59,7 +60,8 @@ def returning_freed_memory():
 def give_back_freed_memory():
     """Give the system the heap's free pages (malloc_trim(0): whole free pages anywhere in the heap,
     not only at its top; ~5 ms). After encoding, glibc keeps the encoder's freed activations (each under
-    its 32 MB threshold) resident for reuse, but the decoder cache then allocated is one mapping of its
-    own and the decoding steps need far less: without this, that memory stays resident beside the cache
-    through the whole search, at the process's peak."""
+    its 32 MB threshold) resident for reuse, and building the decoder cache frees each layer's key/value
+    projections there too, but the cache's two blocks are mappings of their own and the decoding steps
+    need far less: without this, that memory stays resident beside the cache through the whole search,
+    at the process's peak."""
     _glibc()[1](0)

@@ -330,12 +330,16 @@ def test_kv_cache_reorder_moves_hypotheses_between_rows_and_refuses_to_overflow(
             model.decode(prefix[:, :1], cache=cache, input_pos=torch.tensor([4]))
 
 
-def test_the_heap_is_given_back_before_and_after_building_the_cache(toy, batch, monkeypatch):
-    """decoding.new_cache gives the heap's free pages back to the system (memory.give_back_freed_memory,
-    glibc's malloc_trim(0)) once the encoder has run and again once the cache is built, and never during
-    the steps (~5 ms a call); the calls are recorded from a stand-in libc. What it saves in resident
-    memory is measured by benchmarks/speed.py (README: Speed and memory)."""
+def test_the_heap_is_given_back_before_each_block_of_the_cache(toy, batch, monkeypatch):
+    """Building the decoder cache (pegasus.DecoderCache) gives the heap's free pages back to the system
+    (memory.give_back_freed_memory, glibc's malloc_trim(0)) once the encoder has run, and again once every
+    layer's key/value projections are written into the cross-attention block, before the self-attention
+    block is made (zeroed, where it is, all at once); never during the steps (~5 ms a call). The calls are
+    recorded from a stand-in libc. What it saves in resident memory is measured by benchmarks/speed.py
+    (README: Speed and memory)."""
     import ctypes
+
+    import pegasus
     model, _ = toy
     ids, mask = batch
     expected = generate(model, ids, mask, num_beams=2, max_new_tokens=4)
@@ -345,13 +349,21 @@ def test_the_heap_is_given_back_before_and_after_building_the_cache(toy, batch, 
         mallopt = staticmethod(lambda option, value: None)
         malloc_trim = staticmethod(lambda pad: events.append(f"malloc_trim({pad})"))
 
+    def record(obj, method, name):
+        real = getattr(obj, method)
+        monkeypatch.setattr(obj, method, lambda *a, **kw: events.append(name) or real(*a, **kw))
+
     monkeypatch.setattr(ctypes, "CDLL", lambda name: LibC())
     for method in ("encode", "new_cache", "decode"):
-        real = getattr(model, method)
-        monkeypatch.setattr(model, method, lambda *a, real=real, method=method, **kw: events.append(method)
-                            or real(*a, **kw))
+        record(model, method, method)
+    for layer in model.decoder.layers:
+        record(layer.encoder_attn, "project_kv", "project_kv")
+    real_kv_cache = pegasus.KVCache
+    monkeypatch.setattr(pegasus, "KVCache", lambda *a: events.append("KVCache") or real_kv_cache(*a))
     assert torch.equal(generate(model, ids, mask, num_beams=2, max_new_tokens=4), expected)
-    assert events == ["encode", "malloc_trim(0)", "new_cache", "malloc_trim(0)"] + ["decode"] * 4
+    L = len(model.decoder.layers)
+    assert events == (["encode", "new_cache", "malloc_trim(0)"] + ["project_kv"] * L + ["malloc_trim(0)"]
+                      + ["KVCache"] * (L + 1) + ["decode"] * 4)
 
 
 def test_beam_search_log_softmax_is_the_reference_kernel_in_place():
