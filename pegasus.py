@@ -428,15 +428,24 @@ class DecoderCache:
     """What the decoder keeps between steps: cross-attention keys/values, computed once per source
     document (shared by all its beams), and one self-attention KVCache per layer."""
 
+    # Source length (keys a document) from which one query per source (greedy) reads narrower keys/values too.
+    # Below it float32's fused kernel reads float32 faster than the math reads bfloat16 (one query row, 16 heads,
+    # Zen 4, 2 threads, us: 512 keys 88 vs 161, 2048 381 vs 394); past it the bytes decide (4096 keys 2153 vs
+    # 1063, 8192 4020 vs 1944). PEGASUS-X int8 greedy, 63 steps after the encoder (Zen 4, alternating processes):
+    # 16,384 tokens 7.3-8.7 -> 3.6-4.9 s and 1.86 -> 1.35 GB; 4,096 level (0.05 GB less); pegasus-xsum's 505
+    # tokens would lose (1.22-1.39 -> 1.37-1.53 s).
+    long_source = 4096
+
     def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
         cfg = model.config
         layers = model.decoder.layers
         # Narrower keys/values (model.kv_dtype) pay where several hypotheses read each source (beam search):
         # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster, except
         # with AMX, where the fused kernel reads bfloat16 fastest (Attention.attend; int8 greedy 1.97-2.19 -> 1.92-1.99
-        # s, Xeon).
+        # s, Xeon), and for long sources (long_source).
         shared = encoder_out is not None and n_hyps > encoder_out.size(0)
-        narrow = model.kv_dtype is not None and (shared or (model.device.type == "cpu" and cpu_has_amx()))
+        long = encoder_out is not None and encoder_out.size(1) >= self.long_source
+        narrow = model.kv_dtype is not None and (shared or long or (model.device.type == "cpu" and cpu_has_amx()))
         kv_dtype = model.kv_dtype if narrow else model.dtype
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
