@@ -459,7 +459,7 @@ class DecoderCache:
         # each block below is a mapping of its own and a step needs far less, so kept they sat beside the
         # cache at the process's peak. Int8, beam 8 over 4 documents, pegasus-xsum shape (Zen 4, 2 threads,
         # MiB): the projections' 65 of scratch stayed resident while the self-attention block was zeroed,
-        # 1,219 at the peak, ~1,150 with the second call here (resident after building: 1,104 either way).
+        # 1,219 at the peak while building, 1,120 with the second call here (1,104 resident after either way).
         give_back_freed_memory()
         if encoder_out is not None:
             # Every layer's cross-attention keys/values in one block, contiguous (every step reads all of them),

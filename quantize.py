@@ -119,8 +119,8 @@ each right-padded document of a batch encoded alone at its own length (decoding.
 and a document's activations are not scaled together with its batch-mates'), and, where oneDNN has bfloat16
 kernels, `kv_dtype = bfloat16` for beam search's attention keys/values, and greedy decoding's too on a CPU
 with AMX or for sources of 4,096 tokens and more (pegasus.DecoderCache: half the bytes read and reordered each
-step). Measured at pegasus-xsum shape,
-beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4: encoder 1.9 -> 1.3 s, cross-attention ~24
+step). Measured at pegasus-xsum shape, beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4:
+encoder 1.9 -> 1.3 s, cross-attention ~24
 -> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error where it was
 (tests/test_quantize.py::test_decoding_liberties_stay_close). On a CPU with AMX, a third: the encoder's
 attention in bfloat16 (`Attention.compute_dtype`), on the fused kernel's bfloat16 tiles, its float32 results
