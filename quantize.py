@@ -120,13 +120,12 @@ and a document's activations are not scaled together with its batch-mates'), and
 kernels, `kv_dtype = bfloat16` for beam search's attention keys/values, and greedy decoding's too on a CPU
 with AMX or for sources of 4,096 tokens and more (pegasus.DecoderCache: half the bytes read and reordered each
 step). Measured at pegasus-xsum shape, beam 8 over 4 documents of 505-313 tokens, int8, 2 threads, Zen 4:
-encoder 1.9 -> 1.3 s, cross-attention ~24
--> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32 they leave int8's error where it was
-(tests/test_quantize.py::test_decoding_liberties_stay_close). On a CPU with AMX, a third: the encoder's
-attention in bfloat16 (`Attention.compute_dtype`), on the fused kernel's bfloat16 tiles, its float32 results
-cast back (Intel Xeon, 2 threads, alternating fresh processes: one 505-token document's int8 encoding
-0.235-0.238 -> 0.194 s; PEGASUS-X base's encoder, one pair: 1.8 -> 1.3 s at 4,096 tokens, 8.5 -> 7.1 s at
-16,384, peak 1.36 -> 1.39 GB), its error measured in tests/test_quantize.py
+encoder 1.9 -> 1.3 s, cross-attention ~24 -> ~14 ms per step, cache reorder 0.58 -> 0.31 s; against float32
+they leave int8's error where it was (tests/test_quantize.py::test_decoding_liberties_stay_close). On a CPU
+with AMX, a third: the encoder's attention in bfloat16 (`Attention.compute_dtype`), on the fused kernel's
+bfloat16 tiles, its float32 results cast back (Intel Xeon, 2 threads, alternating fresh processes: one
+505-token document's int8 encoding 0.235-0.238 -> 0.194 s; PEGASUS-X base's encoder, one pair: 1.8 -> 1.3 s at
+4,096 tokens, 8.5 -> 7.1 s at 16,384, peak 1.36 -> 1.39 GB), its error measured in tests/test_quantize.py
 (test_encoder_attention_in_bfloat16_is_taken_and_stays_close, and the liberties' test with it).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
