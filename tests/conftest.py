@@ -82,8 +82,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def toy_pegasus():
     """PEGASUS at toy.py's TOY shape, trained on the toy task (800 steps, seed 0; ~20 s on one core), once
-    for the modules that compare it with a lower-precision twin (test_quantize, test_bfloat16). Shared:
-    tests must not change it (twins are deep copies)."""
+    for the modules that compare it with a lower-precision twin (test_quantize, test_bfloat16), with the
+    reference (test_generate) or with its int8 checkpoint (test_int8_model). Shared: tests must not change it
+    (twins and test_generate's copy are deep copies)."""
     import torch
     from toy import TOY, train_toy
 

@@ -10,12 +10,12 @@ import copy
 
 import pytest
 import torch
-from toy import TOY, ScriptedLM, from_reference, pad_batch, run_scripted, texts, to_reference, toy_sources, train_toy
+from toy import TOY, ScriptedLM, from_reference, pad_batch, run_scripted, texts, to_reference, toy_sources
 
 from decoding import DecodingOptions
 from generate import generate
 from onednn import PACK_ROWS, OneDNNLinear, use_onednn
-from pegasus import Pegasus, PegasusConfig
+from pegasus import PegasusConfig
 from screen import ScreenedArgmax, fbgemm_screen_available, int8pack_available, screen_kernel, screened_argmax
 
 TOY = PegasusConfig(**TOY)
@@ -25,9 +25,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
-def toy():
-    torch.manual_seed(0)
-    model = train_toy(Pegasus(TOY), seed=0)
+def toy(toy_pegasus):
+    """The toy model conftest.py trains once (TOY, seed 0, one thread: what this module trained on its own before),
+    copied, since tests here set its generation_config; and its twin in the reference library."""
+    model = copy.deepcopy(toy_pegasus)
     return model, to_reference(model)
 
 
