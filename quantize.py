@@ -128,6 +128,17 @@ bfloat16 tiles, its float32 results cast back (Intel Xeon, 2 threads, alternatin
 4,096 tokens, 8.5 -> 7.1 s at 16,384, peak 1.36 -> 1.39 GB), its error measured in tests/test_quantize.py
 (test_encoder_attention_in_bfloat16_is_taken_and_stays_close, and the liberties' test with it).
 
+Two more are for peak memory (the issue's bound: int8 at most 1/3 of float32's peak RSS). `cross_kv_int8`:
+greedy decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead, a scale
+per (head, position) vector, up to 1,024 source tokens (pegasus.Int8CrossKV: 16 MiB where float32 took 63 at
+pegasus-xsum shape, 505 tokens, at float32's speed). `ffn_rows` on the encoder's layers: the feed-forward over
+blocks of ENCODER_FFN_ROWS positions, so that its largest activations (d_ffn wide, with fbgemm's int32 sums
+of the same size) are 1 MB each, not 8. Measured, pegasus-xsum shape, benchmarks.speed's greedy job (one
+505-token article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder 876-897 -> 859-872 (with the residual
+sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865; the process's peak 905-926 ->
+861-883 in 9 processes, against 873 for 1/3 of float32's 2,620. Their errors: tests/test_quantize.py
+(test_int8_cross_keys_values_stay_close, test_feed_forward_over_blocks_of_positions).
+
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
 `project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
 fbgemm on a packed copy of the same int8 rows and scales. The packed copy is a plain attribute,
@@ -293,6 +304,7 @@ def fbgemm_reduce_range() -> bool:
 # int8 copy of every matrix beside the packed one.
 # Rows per call from which a matrix is packed for oneDNN: (on a CPU with AMX, with VNNI but no AMX); None: never.
 LAYER_ONEDNN_ROWS, HEAD_ONEDNN_ROWS = (16, None), (8, 16)
+ENCODER_FFN_ROWS = 128  # positions per block of the int8 encoder's feed-forward (quantize_model)
 SOURCE_ROWS = 512  # the rows_per_call hint for matrices that see a whole source (quantize_model): "many"
 _ZERO_POINT = torch.zeros(1, dtype=torch.long)  # the weights' zero point: symmetric, 0 for every channel
 
@@ -622,6 +634,9 @@ def quantize_model(model: nn.Module, step_rows: int | None = None) -> nn.Module:
     model.shared.rows_per_call = step_rows
     # Decoding's liberties (see Pegasus.__init__): int8 activations are not the reference's arithmetic anyway.
     model.encode_each = True
+    model.cross_kv_int8 = True  # greedy decoding's cross-attention keys/values (pegasus.Int8CrossKV)
+    for layer in model.encoder.layers:  # the encoder's feed-forward over blocks of positions (see the module docstring)
+        layer.ffn_rows = ENCODER_FFN_ROWS
     if bf16_supported():  # half the bytes per step; measured in tests/test_quantize.py
         model.kv_dtype = torch.bfloat16
     if bf16_supported() and cpu_has_amx():  # the encoder's attention on AMX's bfloat16 tiles (see the module docstring)

@@ -255,8 +255,13 @@ def test_quantize_model_takes_decodings_liberties(amx, monkeypatch):
     model = Pegasus(PegasusConfig(**SMALL))
     assert model.kv_dtype is None and not model.encode_each  # float32: the reference's arithmetic
     assert attention_dtypes(model) == {None}
+    assert not model.cross_kv_int8
+    assert {layer.ffn_rows for layer in [*model.encoder.layers, *model.decoder.layers]} == {None}
     quantize_model(model)
     assert model.encode_each and model.kv_dtype == (torch.bfloat16 if bf16_supported() else None)
+    assert model.cross_kv_int8
+    assert {layer.ffn_rows for layer in model.encoder.layers} == {quantize.ENCODER_FFN_ROWS}
+    assert {layer.ffn_rows for layer in model.decoder.layers} == {None}
     assert attention_dtypes(model.encoder) == {torch.bfloat16 if amx and bf16_supported() else None}
     assert attention_dtypes(model.decoder) == {None}
 
@@ -329,6 +334,87 @@ def test_one_query_a_source_reads_narrower_keys_values_from_long_sources(monkeyp
     assert 0 < dmean < 0.003 and dmax < 0.02 and top1 == 1, (dmax, dmean, top1)
 
 
+def test_int8_cross_keys_values_hold_each_vector_to_half_a_step():
+    """pegasus.Int8CrossKV: one scale per (source, head, position) vector, max |k| / 127, and each number within
+    half a step of the float one; every layer is handed out in the same float32 buffer."""
+    model = random_model("pegasus")
+    ids, mask, _ = random_batch()
+    with torch.no_grad():
+        states = model.encode(ids, mask)
+        kv = pegasus.Int8CrossKV(model.decoder.layers, states)
+        assert kv.q.dtype == torch.int8 and len(kv) == len(model.decoder.layers)
+        for i, layer in enumerate(model.decoder.layers):
+            for x, y, s in zip(layer.encoder_attn.project_kv(states), kv[i], kv.scale[i]):  # keys, then values
+                assert y.dtype == torch.float32 and y.shape == x.shape == (2, 4, ids.size(1), 32)
+                torch.testing.assert_close(s, x.abs().amax(-1, keepdim=True) / 127)
+                assert bool(((x - y).abs() <= s / 2 * (1 + 1e-5)).all())  # rounding: half a step
+    assert kv[0][0].data_ptr() == kv[1][0].data_ptr()  # one buffer, a layer at a time
+
+
+@pytest.mark.parametrize("case", ["greedy", "beam", "long", "amx", "float32"])
+def test_int8_greedy_decoding_keeps_int8_cross_keys_values(case, monkeypatch):
+    """DecoderCache takes Int8CrossKV for an int8 model's one hypothesis a source over a short source on a CPU
+    without AMX; beam search, long sources and AMX keep their keys/values (bfloat16 where oneDNN has it), and
+    float32 models never take it."""
+    monkeypatch.setattr(pegasus, "cpu_has_amx", lambda: case == "amx")
+    model = random_model("pegasus")
+    model = model if case == "float32" else int8_twin(model)
+    ids, mask, _ = random_batch()
+    if case == "long":
+        monkeypatch.setattr(pegasus.DecoderCache, "short_source", ids.numel() - 1)  # keys in all: 2 x 40
+    with torch.no_grad():
+        cache = model.new_cache(encode(model, ids, mask), mask, ids.size(0) * (2 if case == "beam" else 1), 4)
+    # (on a CPU without bfloat16 kernels kv_dtype is None, and AMX alone narrows nothing)
+    int8 = case == "greedy" or (case == "amx" and model.kv_dtype is None)
+    assert isinstance(cache.cross_kv, pegasus.Int8CrossKV) == int8, type(cache.cross_kv)
+
+
+def greedy_logits(model, ids, mask, dec):
+    """Teacher-forced logits through decoding's own path with one hypothesis a source (greedy's cache)."""
+    with torch.no_grad():
+        cache = model.new_cache(encode(model, ids, mask), mask, ids.size(0), dec.size(1))
+        assert isinstance(cache.cross_kv, pegasus.Int8CrossKV)
+        return model.logits(model.decode(dec, cache=cache, input_pos=torch.arange(dec.size(1))))
+
+
+@pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
+def test_int8_cross_keys_values_stay_close(kind, monkeypatch):
+    """Greedy decoding's int8 cross-attention keys/values, alone (a float32 model made to take them) and in the
+    int8 model, against the float32 reference's logits."""
+    monkeypatch.setattr(pegasus, "cpu_has_amx", lambda: False)
+    model = random_model(kind)
+    ids, mask, dec = random_batch()
+    with torch.no_grad():
+        ref = model(ids, mask, dec)
+    model.cross_kv_int8 = True
+    dmax, dmean, top1 = logit_errors(ref, greedy_logits(model, ids, mask, dec))
+    # measured (pegasus / pegasus_x, Zen 4): max 0.0054 / 0.0076, mean 0.00089 / 0.0012, top-1 1.0 / 1.0 (bfloat16's,
+    # test_decoding_liberties_stay_close: max 0.0078 / 0.0095, mean 0.0013 / 0.0015)
+    assert 0 < dmean < 0.003 and dmax < 0.02 and top1 == 1, (dmax, dmean, top1)
+    dmax, dmean, top1 = logit_errors(ref, greedy_logits(int8_twin(random_model(kind)), ids, mask, dec))
+    # measured: max 0.093 / 0.137, mean 0.0187 / 0.0229, top-1 0.96 / 0.96
+    assert dmax < RANDOM_MAX and dmean < RANDOM_MEAN and top1 > RANDOM_TOP1, (dmax, dmean, top1)
+
+
+def test_feed_forward_over_blocks_of_positions():
+    """EncoderLayer.ffn_rows: the feed-forward a block of positions at a time. In float32 the same sums (up to
+    the kernels' order); in int8 each block's activations get their own scale, within the int8 bounds."""
+    model = random_model("pegasus")
+    ids, mask, dec = random_batch()  # 40 and 23 tokens: 3 blocks of 16
+    with torch.no_grad():
+        ref, ref_logits = model.encode(ids, mask), model(ids, mask, dec)
+        for layer in model.encoder.layers:
+            layer.ffn_rows = 16
+        torch.testing.assert_close(model.encode(ids, mask), ref, rtol=1e-5, atol=1e-5)
+        twin = int8_twin(random_model("pegasus"))
+        for layer in twin.encoder.layers:
+            layer.ffn_rows = 16
+        dmax, dmean, top1 = logit_errors(ref_logits, twin(ids, mask, dec))
+    # measured (Zen 4): max 0.108, mean 0.0190, top-1 0.96 (one block: 0.106, 0.0196, 0.96); float32's states were
+    # the same to the bit here
+    assert dmax < RANDOM_MAX and dmean < RANDOM_MEAN and top1 > RANDOM_TOP1, (dmax, dmean, top1)
+
+
 def test_int8_documents_are_encoded_without_their_batch_mates():
     twin = int8_twin(random_model("pegasus"))
     ids, mask, _ = random_batch()  # 41 and 24 tokens, right-padded
@@ -369,7 +455,8 @@ def test_toy_model_generates_the_same_ids(toy, kw, amx, monkeypatch):
         assert cache.cross_kv[0][0].dtype == (twin.kv_dtype or torch.float32)
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
     same = same_texts(ref, out, TOY.eos_token_id)
-    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them); Intel Xeon
+    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them; 47 and 47
+    # again with greedy's int8 cross-attention keys/values, 2026-12-07); Intel Xeon
     # (AMX) 43 and 46 (44 and 45 before the encoder's bfloat16 attention there; 43 and 47 without the liberties;
     # greedy 44 with float32 keys/values as with bfloat16, AMX's path). The toy is trained on the CPU that runs the
     # test, and each CPU's float32 arithmetic trains a slightly different model with its own near-ties. Rows that
