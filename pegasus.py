@@ -232,43 +232,6 @@ class KVCache:
             spare.k, spare.v, spare.buffers, self.k, self.v, self.buffers)
 
 
-class Int8CrossKV:
-    """Every decoder layer's cross-attention keys/values in int8, handed out a layer at a time in float32:
-    `kv[i]` is layer i's (k, v), (Bs, H, S, Dh) each, dequantized into one buffer that every layer reuses.
-
-    Symmetric, one float32 scale per (source, head, position) vector of Dh numbers, as quantize.py scales
-    weight rows: s = max |k| / 127, q = round(k / s), so a number is off by at most 1/254 of its vector's
-    largest. A quarter of float32's bytes: 16 MiB where float32 took 63 (pegasus-xsum, one 505-token source),
-    for the int8 model's greedy decoding over short sources (DecoderCache.short_source). The conversion each
-    layer and step costs about what it saves: the buffer (4 MiB there) stays in the CPU's cache, where float32's
-    keys/values came from memory. One query row, 16 heads, 16 layers in turn with 14 MB streamed between them
-    (a layer's int8 weights), Zen 4, 2 threads, us a layer: 505 keys 254 (float32) vs 221 (this), 1,024 336 vs
-    339, 2,048 695 vs 803, 4,000 1,182 vs 2,440."""
-
-    def __init__(self, layers, encoder_out: torch.Tensor):
-        attn = layers[0].encoder_attn
-        (Bs, S, _), H, Dh = encoder_out.shape, attn.n_heads, attn.head_dim
-        new = functools.partial(torch.empty, device=encoder_out.device)
-        self.q = new(len(layers), 2, Bs, H, S, Dh, dtype=torch.int8)  # (L, 2, Bs, H, S, Dh)
-        self.scale = new(len(layers), 2, Bs, H, S, 1, dtype=encoder_out.dtype)  # (L, 2, Bs, H, S, 1)
-        for i, layer in enumerate(layers):  # one layer's float projections at a time
-            for j, x in enumerate(layer.encoder_attn.project_kv(encoder_out)):  # (Bs, H, S, Dh): keys, then values
-                largest = torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True))  # (Bs, H, S, 1)
-                s = (largest / 127).clamp_(min=torch.finfo(x.dtype).tiny)  # (an all-zero vector: any scale will do)
-                self.q[i, j].copy_((x / s).round_())  # |x / s| <= 127: no clamp needed
-                self.scale[i, j].copy_(s)
-        self.buffer = new(2, Bs, H, S, Dh, dtype=encoder_out.dtype)  # (2, Bs, H, S, Dh): one layer's k and v
-
-    def __len__(self) -> int:
-        return self.q.size(0)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.buffer  # (Bs, H, S, Dh) each
-        k.copy_(self.q[i, 0]).mul_(self.scale[i, 0])
-        v.copy_(self.q[i, 1]).mul_(self.scale[i, 1])
-        return k, v
-
-
 @functools.cache
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), on which oneDNN's bfloat16 and
@@ -481,8 +444,8 @@ class DecoderCache:
     # tokens would lose (1.22-1.39 -> 1.37-1.53 s).
     long_source = 4096
     # Keys in all (sources x their padded length) up to which an int8 model's greedy decoding keeps its
-    # cross-attention keys/values in int8 (model.cross_kv_int8; Int8CrossKV measures where converting them stops
-    # paying for itself: its one buffer no longer stays in the CPU's cache).
+    # cross-attention keys/values in int8 (model.cross_kv_int8; quantize.Int8CrossKV measures where converting
+    # them stops paying for itself: its one buffer no longer stays in the CPU's cache).
     short_source = 1024
 
     def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
@@ -497,10 +460,10 @@ class DecoderCache:
         narrow = model.kv_dtype is not None and (shared or long or (model.device.type == "cpu" and cpu_has_amx()))
         kv_dtype = model.kv_dtype if narrow else model.dtype
         # An int8 model's greedy decoding on the CPU, where its keys/values would be float32: int8 cross-attention
-        # keys/values instead, up to short_source keys in all (Int8CrossKV: a quarter of the bytes, at float32's
-        # speed). Not for beam search: converted to bfloat16 each layer and step, 4 documents' keys/values took the
-        # decoding steps of beam 8 over them from 3.7-3.9 to 4.7-4.9 s (pegasus-xsum shape, Zen 4, 2 threads) for
-        # ~50 MiB (peak 1,158-1,177 -> 1,077-1,121 MiB).
+        # keys/values instead, up to short_source keys in all (quantize.Int8CrossKV: a quarter of the bytes, at
+        # float32's speed). Not for beam search: converted to bfloat16 each layer and step, 4 documents' keys/values
+        # took the decoding steps of beam 8 over them from 3.7-3.9 to 4.7-4.9 s (pegasus-xsum shape, Zen 4, 2
+        # threads) for ~50 MiB (peak 1,158-1,177 -> 1,077-1,121 MiB).
         int8_cross = (model.cross_kv_int8 and encoder_out is not None and not shared and not narrow
                       and model.device.type == "cpu" and encoder_out.shape[:2].numel() <= self.short_source)
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
@@ -523,7 +486,7 @@ class DecoderCache:
             # freed after each one was copied, and the heap kept those too: 319 MB for 132 MB of bfloat16 keys
             # and values (int8, beam 8 over 4 documents, Zen 4); one large block is a mapping of its own.
             if int8_cross:
-                self.cross_kv = Int8CrossKV(layers, encoder_out)
+                self.cross_kv = model.cross_kv_int8(layers, encoder_out)
             else:
                 kv = torch.empty(len(layers), 2, encoder_out.size(0), H, encoder_out.size(1), Dh, dtype=kv_dtype,
                                  device=model.device)  # (L, 2, Bs, H, S, Dh)
@@ -668,7 +631,7 @@ class Pegasus(nn.Module):
         # (A third, per Attention module: compute_dtype, the int8 encoder's attention in bf16 on AMX CPUs.)
         self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
         self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
-        self.cross_kv_int8 = False  # greedy decoding's cross-attention keys/values in int8 (Int8CrossKV)
+        self.cross_kv_int8 = None  # greedy decoding's cross-attention keys/values: quantize.Int8CrossKV, or None
         self.init_buffers()
         if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
             self.apply(self._init_weights)

@@ -130,13 +130,14 @@ bfloat16 tiles, its float32 results cast back (Intel Xeon, 2 threads, alternatin
 
 Two more are for peak memory (the issue's bound: int8 at most 1/3 of float32's peak RSS). `cross_kv_int8`:
 greedy decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead, a scale
-per (head, position) vector, up to 1,024 source tokens (pegasus.Int8CrossKV: 16 MiB where float32 took 63 at
+per (head, position) vector, up to 1,024 source tokens (Int8CrossKV, below: 16 MiB where float32 took 63 at
 pegasus-xsum shape, 505 tokens, at float32's speed). `ffn_rows` on the encoder's layers: the feed-forward over
 blocks of ENCODER_FFN_ROWS positions, so that its largest activations (d_ffn wide, with fbgemm's int32 sums
 of the same size) are 1 MB each, not 8. Measured, pegasus-xsum shape, benchmarks.speed's greedy job (one
 505-token article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder 876-897 -> 859-872 (with the residual
-sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865; the process's peak 905-926 ->
-861-883 in 9 processes, against 873 for 1/3 of float32's 2,620. Their errors: tests/test_quantize.py
+sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now and then 20-30 more); the
+process's peak 905-929 -> 860-921, 19 of 26 processes at or under 873, 1/3 of float32's 2,620 (README, "Not met,
+and why"). Their errors: tests/test_quantize.py
 (test_int8_cross_keys_values_stay_close, test_feed_forward_over_blocks_of_positions).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
@@ -585,6 +586,44 @@ class Int8TiedEmbedding(Int8Embedding):
 # ----------------------------------------------------------------------------- whole models
 
 
+class Int8CrossKV:
+    """Every decoder layer's cross-attention keys/values in int8, handed out a layer at a time in float32:
+    `kv[i]` is layer i's (k, v), (Bs, H, S, Dh) each, dequantized into one buffer that every layer reuses.
+    quantize_model sets the model's `cross_kv_int8` to this class; pegasus.DecoderCache builds one for greedy
+    decoding over short sources (DecoderCache.short_source).
+
+    Each (source, position, head) vector of Dh numbers is a row for quantize_weight: symmetric, one float32
+    scale per vector, each number off by at most 1/254 of its vector's largest. A quarter of float32's bytes:
+    16 MiB where float32 took 63 (pegasus-xsum, one 505-token source). The conversion each layer and step
+    costs about what it saves: the buffer (4 MiB there) stays in the CPU's cache, where float32's keys/values
+    came from memory. One query row, 16 heads, 16 layers in turn with 14 MB streamed between them (a layer's
+    int8 weights), Zen 4, 2 threads, us a layer: 505 keys 254 (float32) vs 221 (this), 1,024 336 vs 339,
+    2,048 695 vs 803, 4,000 1,182 vs 2,440."""
+
+    def __init__(self, layers, encoder_out: torch.Tensor):
+        attn = layers[0].encoder_attn
+        (Bs, S, _), H, Dh = encoder_out.shape, attn.n_heads, attn.head_dim
+        new = functools.partial(torch.empty, device=encoder_out.device)
+        self.q = new(len(layers), 2, Bs, H, S, Dh, dtype=torch.int8)  # (L, 2, Bs, H, S, Dh)
+        self.scale = new(len(layers), 2, Bs, H, S, 1)  # (L, 2, Bs, H, S, 1) float32
+        for i, layer in enumerate(layers):  # one layer's float projections at a time
+            for j, x in enumerate(layer.encoder_attn.project_kv(encoder_out)):  # (Bs, H, S, Dh): keys, then values
+                rows = x.transpose(1, 2).reshape(-1, Dh)  # (Bs*S*H, Dh): the projection's own layout, no copy
+                q, scale = quantize_weight(rows)  # (Bs*S*H, Dh) int8, (Bs*S*H,)
+                self.q[i, j].copy_(q.view(Bs, S, H, Dh).transpose(1, 2))  # (Bs, H, S, Dh)
+                self.scale[i, j].copy_(scale.view(Bs, S, H, 1).transpose(1, 2))  # (Bs, H, S, 1)
+        self.buffer = new(2, Bs, H, S, Dh, dtype=encoder_out.dtype)  # (2, Bs, H, S, Dh): one layer's k and v
+
+    def __len__(self) -> int:
+        return self.q.size(0)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.buffer  # (Bs, H, S, Dh) each
+        k.copy_(self.q[i, 0]).mul_(self.scale[i, 0])
+        v.copy_(self.q[i, 1]).mul_(self.scale[i, 1])
+        return k, v
+
+
 def quantize_int8(model: nn.Module, step_rows: int | None = None, prefix: str = "") -> nn.Module:
     """Replace every nn.Linear in `model` by an Int8Linear built from it, in place, and return the
     model. Each float layer is dropped as soon as its int8 twin exists (and, on CPU, is packed), so
@@ -634,7 +673,7 @@ def quantize_model(model: nn.Module, step_rows: int | None = None) -> nn.Module:
     model.shared.rows_per_call = step_rows
     # Decoding's liberties (see Pegasus.__init__): int8 activations are not the reference's arithmetic anyway.
     model.encode_each = True
-    model.cross_kv_int8 = True  # greedy decoding's cross-attention keys/values (pegasus.Int8CrossKV)
+    model.cross_kv_int8 = Int8CrossKV  # greedy decoding's cross-attention keys/values (pegasus.DecoderCache)
     for layer in model.encoder.layers:  # the encoder's feed-forward over blocks of positions (see the module docstring)
         layer.ffn_rows = ENCODER_FFN_ROWS
     if bf16_supported():  # half the bytes per step; measured in tests/test_quantize.py

@@ -259,7 +259,7 @@ def test_quantize_model_takes_decodings_liberties(amx, monkeypatch):
     assert {layer.ffn_rows for layer in [*model.encoder.layers, *model.decoder.layers]} == {None}
     quantize_model(model)
     assert model.encode_each and model.kv_dtype == (torch.bfloat16 if bf16_supported() else None)
-    assert model.cross_kv_int8
+    assert model.cross_kv_int8 is quantize.Int8CrossKV
     assert {layer.ffn_rows for layer in model.encoder.layers} == {quantize.ENCODER_FFN_ROWS}
     assert {layer.ffn_rows for layer in model.decoder.layers} == {None}
     assert attention_dtypes(model.encoder) == {torch.bfloat16 if amx and bf16_supported() else None}
@@ -335,13 +335,13 @@ def test_one_query_a_source_reads_narrower_keys_values_from_long_sources(monkeyp
 
 
 def test_int8_cross_keys_values_hold_each_vector_to_half_a_step():
-    """pegasus.Int8CrossKV: one scale per (source, head, position) vector, max |k| / 127, and each number within
+    """quantize.Int8CrossKV: one scale per (source, head, position) vector, max |k| / 127, and each number within
     half a step of the float one; every layer is handed out in the same float32 buffer."""
     model = random_model("pegasus")
     ids, mask, _ = random_batch()
     with torch.no_grad():
         states = model.encode(ids, mask)
-        kv = pegasus.Int8CrossKV(model.decoder.layers, states)
+        kv = quantize.Int8CrossKV(model.decoder.layers, states)
         assert kv.q.dtype == torch.int8 and len(kv) == len(model.decoder.layers)
         for i, layer in enumerate(model.decoder.layers):
             for x, y, s in zip(layer.encoder_attn.project_kv(states), kv[i], kv.scale[i]):  # keys, then values
@@ -366,14 +366,14 @@ def test_int8_greedy_decoding_keeps_int8_cross_keys_values(case, monkeypatch):
         cache = model.new_cache(encode(model, ids, mask), mask, ids.size(0) * (2 if case == "beam" else 1), 4)
     # (on a CPU without bfloat16 kernels kv_dtype is None, and AMX alone narrows nothing)
     int8 = case == "greedy" or (case == "amx" and model.kv_dtype is None)
-    assert isinstance(cache.cross_kv, pegasus.Int8CrossKV) == int8, type(cache.cross_kv)
+    assert isinstance(cache.cross_kv, quantize.Int8CrossKV) == int8, type(cache.cross_kv)
 
 
 def greedy_logits(model, ids, mask, dec):
     """Teacher-forced logits through decoding's own path with one hypothesis a source (greedy's cache)."""
     with torch.no_grad():
         cache = model.new_cache(encode(model, ids, mask), mask, ids.size(0), dec.size(1))
-        assert isinstance(cache.cross_kv, pegasus.Int8CrossKV)
+        assert isinstance(cache.cross_kv, quantize.Int8CrossKV)
         return model.logits(model.decode(dec, cache=cache, input_pos=torch.arange(dec.size(1))))
 
 
@@ -386,7 +386,7 @@ def test_int8_cross_keys_values_stay_close(kind, monkeypatch):
     ids, mask, dec = random_batch()
     with torch.no_grad():
         ref = model(ids, mask, dec)
-    model.cross_kv_int8 = True
+    model.cross_kv_int8 = quantize.Int8CrossKV
     dmax, dmean, top1 = logit_errors(ref, greedy_logits(model, ids, mask, dec))
     # measured (pegasus / pegasus_x, Zen 4): max 0.0054 / 0.0076, mean 0.00089 / 0.0012, top-1 1.0 / 1.0 (bfloat16's,
     # test_decoding_liberties_stay_close: max 0.0078 / 0.0095, mean 0.0013 / 0.0015)
