@@ -128,17 +128,16 @@ bfloat16 tiles, its float32 results cast back (Intel Xeon, 2 threads, alternatin
 4,096 tokens, 8.5 -> 7.1 s at 16,384, peak 1.36 -> 1.39 GB), its error measured in tests/test_quantize.py
 (test_encoder_attention_in_bfloat16_is_taken_and_stays_close, and the liberties' test with it).
 
-Two more are for peak memory (the issue's bound: int8 at most 1/3 of float32's peak RSS). `cross_kv_int8`:
-greedy decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead, a scale
-per (head, position) vector, up to 1,024 source tokens (Int8CrossKV, below: 16 MiB where float32 took 63 at
+Two more are for peak memory (the issue's bound: int8 at most 1/3 of float32's peak RSS). `cross_kv_int8`: greedy
+decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead, a scale per (head,
+position) vector, up to 1,024 keys in all, sources x length (Int8CrossKV, below: 16 MiB where float32 took 63 at
 pegasus-xsum shape, 505 tokens, at float32's speed). `ffn_rows` on the encoder's layers: the feed-forward over
-blocks of ENCODER_FFN_ROWS positions, so that its largest activations (d_ffn wide, with fbgemm's int32 sums
-of the same size) are 1 MB each, not 8. Measured, pegasus-xsum shape, benchmarks.speed's greedy job (one
-505-token article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder 876-897 -> 859-872 (with the residual
-sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now and then 20-30 more); the
-process's peak 905-929 -> 860-921, 19 of 26 processes at or under 873, 1/3 of float32's 2,620 (README, "Not met,
-and why"). Their errors: tests/test_quantize.py
-(test_int8_cross_keys_values_stay_close, test_feed_forward_over_blocks_of_positions).
+blocks of ENCODER_FFN_ROWS positions, so that its largest activations (d_ffn wide, with fbgemm's int32 sums of the
+same size) are 1 MB each, not 8. Measured, pegasus-xsum shape, benchmarks.speed's greedy job (one 505-token
+article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder 876-897 -> 859-872 (with the residual sums written in
+place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now and then 20-30 more); the process's peak 905-929 ->
+860-921, 19 of 26 processes at or under 873, 1/3 of float32's 2,620 (README, "Not met, and why"). Their errors:
+tests/test_quantize.py (test_int8_cross_keys_values_stay_close, test_feed_forward_over_blocks_of_positions).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
 `project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
