@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from memory import give_back_freed_memory
+from memory import give_back_freed_memory, give_back_when_grown
 
 # ----------------------------------------------------------------------------- config
 
@@ -306,16 +306,20 @@ class Attention(nn.Module):
         return F.dropout(w, p, self.training) @ v, w.detach()  # (B, H, T, Dh)
 
     def forward(self, x, kv=None, mask=None, cache: KVCache | None = None, input_pos=None):
-        """x: (B, T, D) queries. kv: precomputed (k, v) for cross-attention, else self-attention.
+        """x: (B, T, D) queries. kv: precomputed (k, v) for cross-attention (or (k, v, k_scale, v_scale): int8's
+        integers and their scales, quantize.Int8CrossKV), else self-attention.
         mask: boolean (True = may attend) or additive, broadcastable to (B, H, T, S)."""
         B, T, D = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
+        scales = ()  # int8 keys/values' (below)
         if kv is None:
             k, v = self.project_kv(x)  # (B, H, T, Dh)
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)  # (B, H, n, Dh): the n filled slots
         else:
-            k, v = kv
+            # Precomputed. int8 keys/values (quantize.Int8CrossKV) come with scales per channel, (B', H, 1, Dh):
+            # q . (k * s) = (q * s) . k and w (v * s) = (w v) * s, so they go on the queries and the output.
+            k, v, *scales = kv
         # Beam search runs B = n_src * n_beams hypotheses against n_src encoder outputs. Rather
         # than copying each source's keys/values n_beams times, fold the beams into the query
         # axis: beams of one source are just more queries against the same keys.
@@ -323,8 +327,12 @@ class Attention(nn.Module):
         if group > 1:
             q = q.view(k.size(0), group, self.n_heads, T, self.head_dim).transpose(1, 2)  # (Bs, H, G, T, Dh)
             q = q.reshape(k.size(0), self.n_heads, group * T, self.head_dim)  # (Bs, H, G*T, Dh)
+        if scales:
+            q = q * scales[0]  # (B', H, T', Dh)
         out, w = self.attend(q.to(k.dtype), k, v, mask)  # (B', H, T', Dh) (k, v narrower: see DecoderCache)
         out = out.to(x.dtype)
+        if scales:
+            out = out * scales[1]
         self.weights = w if self.keep_weights else None
         if group > 1:
             out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
@@ -445,10 +453,11 @@ class DecoderCache:
     # 16,384 tokens 7.3-8.7 -> 3.6-4.9 s and 1.86 -> 1.35 GB; 4,096 level (0.05 GB less); pegasus-xsum's 505
     # tokens would lose (1.22-1.39 -> 1.37-1.53 s).
     long_source = 4096
-    # Keys in all (sources x their padded length) up to which an int8 model's greedy decoding keeps its
-    # cross-attention keys/values in int8 (model.cross_kv_int8; quantize.Int8CrossKV measures where converting
-    # them stops paying for itself: its one buffer no longer stays in the CPU's cache).
-    short_source = 1024
+    # An int8 model's greedy decoding keeps its cross-attention keys/values in int8 (model.cross_kv_int8,
+    # quantize.Int8CrossKV) while one layer's, as float32, take at most this many bytes: the buffer each layer
+    # is converted into at each step then stays in the CPU's cache (Int8CrossKV measures where converting stops
+    # paying for itself). At pegasus-xsum's width: 1,024 keys in all (sources x padded length).
+    cross_int8_bytes = 8 << 20
 
     def __init__(self, model: "Pegasus", encoder_out, attention_mask, n_hyps: int, max_len: int):
         cfg = model.config
@@ -457,22 +466,24 @@ class DecoderCache:
         # half the bytes per step. With one query per source (greedy) float32's fused kernel is faster, except
         # with AMX, where the fused kernel reads bfloat16 fastest (Attention.attend; int8 greedy 1.97-2.19 -> 1.92-1.99
         # s, Xeon), and for long sources (long_source).
+        self.on_cpu = model.device.type == "cpu"
         shared = encoder_out is not None and n_hyps > encoder_out.size(0)
         long = encoder_out is not None and encoder_out.size(1) >= self.long_source
-        narrow = model.kv_dtype is not None and (shared or long or (model.device.type == "cpu" and cpu_has_amx()))
+        narrow = model.kv_dtype is not None and (shared or long or (self.on_cpu and cpu_has_amx()))
         kv_dtype = model.kv_dtype if narrow else model.dtype
         # An int8 model's greedy decoding on the CPU, where its keys/values would be float32: int8 cross-attention
-        # keys/values instead, up to short_source keys in all (quantize.Int8CrossKV: a quarter of the bytes, at
-        # float32's speed). Not for beam search: converted to bfloat16 each layer and step, 4 documents' keys/values
-        # took the decoding steps of beam 8 over them from 3.7-3.9 to 4.7-4.9 s (pegasus-xsum shape, Zen 4, 2
-        # threads) for ~50 MiB (peak 1,158-1,177 -> 1,077-1,121 MiB).
-        int8_cross = (model.cross_kv_int8 and encoder_out is not None and not shared and not narrow
-                      and model.device.type == "cpu" and encoder_out.shape[:2].numel() <= self.short_source)
+        # keys/values instead (quantize.Int8CrossKV: a quarter of the bytes), while one layer's fit
+        # cross_int8_bytes. Not for beam search: its bfloat16 keys/values converted from int8 at every layer and
+        # step took 4 documents' beam 8 (pegasus-xsum shape, Zen 4, 2 threads) from 7.8-8.8 to 9.2-9.8 s in one
+        # process (the fastest and the median of 5 rounds), for a peak 50-70 MiB lower (README: "Not met, and why").
+        layer_bytes = None if encoder_out is None else 2 * encoder_out.numel() * kv_dtype.itemsize  # one layer's k, v
+        int8_cross = (model.cross_kv_int8 is not None and layer_bytes is not None and self.on_cpu
+                      and not shared and not narrow and layer_bytes <= self.cross_int8_bytes)
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
         # (int8 beam 8 over 4 documents, Zen 4). Self-attention reading whole blocks of 16 slots, the unfilled
         # ones masked out, makes 4 shapes where there were 64. float32 reads exactly the filled slots (bit for bit).
-        self.block = 16 if kv_dtype == torch.bfloat16 and model.device.type == "cpu" else 1
+        self.block = 16 if kv_dtype == torch.bfloat16 and self.on_cpu else 1
         H, Dh = cfg.decoder_attention_heads, cfg.d_model // cfg.decoder_attention_heads
         self.cross_kv = None  # decoder-only use has no source
         # The heap's free pages go back to the system (memory.py) twice while the cache is built: first what
@@ -518,6 +529,8 @@ class DecoderCache:
         """Before a step writes positions input_pos (T,): sets the slots filled once it has (one host
         sync per step, not one per layer) and those attention reads, and returns the self-attention
         mask over the slots read, (T, read): None where one new token may see every slot read."""
+        if self.on_cpu:  # what the last step's tensors faulted back in of the heap's free pages (memory.py)
+            give_back_when_grown()
         n = int(input_pos.max()) + 1
         if n > self.max_len:
             raise ValueError(f"position {n - 1} is past the decoder cache's {self.max_len} slots")
@@ -633,7 +646,7 @@ class Pegasus(nn.Module):
         # (A third, per Attention module: compute_dtype, the int8 encoder's attention in bf16 on AMX CPUs.)
         self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
         self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
-        self.cross_kv_int8 = None  # greedy decoding's cross-attention keys/values: quantize.Int8CrossKV, or None
+        self.cross_kv_int8 = None  # decoding's int8 cross-attention keys/values: quantize.Int8CrossKV, or None
         self.init_buffers()
         if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
             self.apply(self._init_weights)

@@ -129,15 +129,16 @@ bfloat16 tiles, its float32 results cast back (Intel Xeon, 2 threads, alternatin
 (test_encoder_attention_in_bfloat16_is_taken_and_stays_close, and the liberties' test with it).
 
 Two more are for peak memory (the issue's bound: int8 at most 1/3 of float32's peak RSS). `cross_kv_int8`: greedy
-decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead, a scale per (head,
-position) vector, up to 1,024 keys in all, sources x length (Int8CrossKV, below: 16 MiB where float32 took 63 at
-pegasus-xsum shape, 505 tokens, at float32's speed). `ffn_rows` on the encoder's layers: the feed-forward over
-blocks of ENCODER_FFN_ROWS positions, so that its largest activations (d_ffn wide, with fbgemm's int32 sums of the
-same size) are 1 MB each, not 8. Measured, pegasus-xsum shape, benchmarks.speed's greedy job (one 505-token
-article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder 876-897 -> 859-872 (with the residual sums written in
-place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now and then 20-30 more); the process's peak 905-929 ->
-860-921, 19 of 26 processes at or under 873, 1/3 of float32's 2,620 (README, "Not met, and why"). Their errors:
-tests/test_quantize.py (test_int8_cross_keys_values_stay_close, test_feed_forward_over_blocks_of_positions).
+decoding's cross-attention keys/values, float32 where they are not narrowed, in int8 instead (Int8CrossKV, below:
+a scale per source, head and channel, applied to the queries and the output; 16 MiB where float32 took 63 at
+pegasus-xsum shape, 505 tokens, at float32's speed) while one layer's fit pegasus.DecoderCache.cross_int8_bytes.
+`ffn_rows` on the encoder's layers: the feed-forward over blocks of ENCODER_FFN_ROWS positions, so that its largest
+activations (d_ffn wide, with fbgemm's int32 sums of the same size) are 1 MB each, not 8. Measured, pegasus-xsum
+shape, benchmarks.speed's greedy job (one 505-token article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder
+876-897 -> 859-872 (with the residual sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now
+and then 20-30 more); the process's peak 905-929 -> 860-921, 19 of 26 processes at or under 873, 1/3 of float32's
+2,620 (README, "Not met, and why"). Their errors: tests/test_quantize.py (test_int8_cross_keys_values_stay_close,
+test_feed_forward_over_blocks_of_positions).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
 `project` (what Pegasus.logits calls for the output head, before adding final_logits_bias) runs
@@ -181,6 +182,12 @@ CHUNK_ELEMENTS = 2**17
 # ----------------------------------------------------------------------------- the arithmetic
 
 
+def int8_scale(largest: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8's scale from the largest |x| of each group: largest / 127, and 1 for an all-zero group
+    (any scale represents it exactly)."""
+    return torch.where(largest > 0, largest / 127, torch.ones_like(largest))
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: w (out, in) float -> q (out, in) int8, scale (out,) float32,
     with w ~ q * scale[:, None]. All-zero rows get scale 1 (any scale represents them exactly)."""
@@ -193,8 +200,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step = max(1, CHUNK_ELEMENTS // w.size(1))  # rows per block
     for i in range(0, w.size(0), step):
         rows = w[i: i + step].float()  # (r, in)
-        largest = torch.maximum(rows.amax(1), -rows.amin(1))  # (r,) max |w|
-        s = torch.where(largest > 0, largest / 127, torch.ones_like(largest))  # (r,)
+        s = int8_scale(torch.maximum(rows.amax(1), -rows.amin(1)))  # (r,) from max |w|
         q[i: i + step] = (rows / s[:, None]).round_()
         scale[i: i + step] = s
     return q, scale
@@ -586,41 +592,50 @@ class Int8TiedEmbedding(Int8Embedding):
 
 
 class Int8CrossKV:
-    """Every decoder layer's cross-attention keys/values in int8, handed out a layer at a time in float32:
-    `kv[i]` is layer i's (k, v), (Bs, H, S, Dh) each, dequantized into one buffer that every layer reuses.
-    quantize_model sets the model's `cross_kv_int8` to this class; pegasus.DecoderCache builds one for greedy
-    decoding over short sources (DecoderCache.short_source).
+    """Every decoder layer's cross-attention keys/values in int8, handed out a layer at a time: `kv[i]` is
+    layer i's (k, v, k_scale, v_scale), k and v (Bs, H, S, Dh) the int8 numbers themselves, converted into one
+    float32 buffer that every layer reuses, and the scales (Bs, H, 1, Dh) float32, which Attention.forward
+    applies where they cost least. quantize_model sets the model's `cross_kv_int8` to this class;
+    pegasus.DecoderCache builds one for greedy decoding while its buffer is small (cross_int8_bytes).
 
-    Each (source, position, head) vector of Dh numbers is a row for quantize_weight: symmetric, one float32
-    scale per vector, each number off by at most 1/254 of its vector's largest. A quarter of float32's bytes:
-    16 MiB where float32 took 63 (pegasus-xsum, one 505-token source). The conversion each layer and step
-    costs about what it saves: the buffer (4 MiB there) stays in the CPU's cache, where float32's keys/values
-    came from memory. One query row, 16 heads, 16 layers in turn with 14 MB streamed between them (a layer's
-    int8 weights), Zen 4, 2 threads, us a layer: 505 keys 254 (float32) vs 221 (this), 1,024 336 vs 339,
-    2,048 695 vs 803, 4,000 1,182 vs 2,440."""
+    One scale per (source, head, channel): quantize_weight's rule (symmetric, max |x| / 127, each number off by
+    at most half a step) for each of the Dh channels over the source's S positions. Per channel, because
+    then the scales leave the keys/values alone: q . (k * s) = (q * s) . k, and sum_j w_j (v_j * s) =
+    (sum_j w_j v_j) * s, so they multiply the few query rows and outputs, (Bs, H, T, Dh), and a layer's
+    conversion is one pass, a copy. Padded positions count too: an int8 model encodes each document alone,
+    so there they hold the projections' biases (decoding.encode), and attention masks them out.
+
+    A quarter of float32's bytes: 16 MiB where float32 took 63 (pegasus-xsum, one 505-token source). The
+    conversion costs about what it saves while the buffer stays in the CPU's cache. Measured, Zen 4, 2 threads,
+    16 layers in turn, one query row, 16 heads, with 14 MB streamed between layers (a layer's int8 weights), us
+    a layer, float32 vs int8 (before 2026-12-07, when a second pass applied the scales in the buffer): 505 keys
+    254 vs 221, 1,024 336 vs 339, 2,048 695 vs 803, 4,000 1,182 vs 2,440. Per channel, one pass: all 16 layers
+    read in 1.0-1.7 ms where the second pass took 2.9-3.6, and built in 63-80 ms where quantize_weight's rows
+    (a transposed copy of each projection) took 97-135 (505 tokens; the projections included)."""
 
     def __init__(self, layers, encoder_out: torch.Tensor):
         attn = layers[0].encoder_attn
         (Bs, S, _), H, Dh = encoder_out.shape, attn.n_heads, attn.head_dim
         new = functools.partial(torch.empty, device=encoder_out.device)
         self.q = new(len(layers), 2, Bs, H, S, Dh, dtype=torch.int8)  # (L, 2, Bs, H, S, Dh)
-        self.scale = new(len(layers), 2, Bs, H, S, 1)  # (L, 2, Bs, H, S, 1) float32
-        for i, layer in enumerate(layers):  # one layer's float projections at a time
-            for j, x in enumerate(layer.encoder_attn.project_kv(encoder_out)):  # (Bs, H, S, Dh): keys, then values
-                rows = x.transpose(1, 2).reshape(-1, Dh)  # (Bs*S*H, Dh): the projection's own layout, no copy
-                q, scale = quantize_weight(rows)  # (Bs*S*H, Dh) int8, (Bs*S*H,)
-                self.q[i, j].copy_(q.view(Bs, S, H, Dh).transpose(1, 2))  # (Bs, H, S, Dh)
-                self.scale[i, j].copy_(scale.view(Bs, S, H, 1).transpose(1, 2))  # (Bs, H, S, 1)
+        self.scale = new(len(layers), 2, Bs, H, 1, Dh)  # (L, 2, Bs, H, 1, Dh) float32
+        # Allocated before the projections, so that their scratch, freed above it, is not a hole it pins in the heap.
         self.buffer = new(2, Bs, H, S, Dh, dtype=encoder_out.dtype)  # (2, Bs, H, S, Dh): one layer's k and v
+        for i, layer in enumerate(layers):  # one layer's float projections at a time, quantized in place
+            for j, x in enumerate(layer.encoder_attn.project_kv(encoder_out)):  # (Bs, H, S, Dh): keys, then values
+                # quantize_weight's rule along the positions (max |x| over dim -2, read down the projection's
+                # columns): its rows would be a transposed copy of each projection.
+                scale = int8_scale(torch.maximum(x.amax(-2, keepdim=True), -x.amin(-2, keepdim=True)))  # (Bs, H, 1, Dh)
+                self.q[i, j].copy_(x.div_(scale).round_())  # (Bs, H, S, Dh) int8
+                self.scale[i, j].copy_(scale)
 
     def __len__(self) -> int:
         return self.q.size(0)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.buffer  # (Bs, H, S, Dh) each
-        k.copy_(self.q[i, 0]).mul_(self.scale[i, 0])
-        v.copy_(self.q[i, 1]).mul_(self.scale[i, 1])
-        return k, v
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.buffer.copy_(self.q[i])  # (2, Bs, H, S, Dh): integers, exact in float32
+        (k, v), (k_scale, v_scale) = self.buffer, self.scale[i]
+        return k, v, k_scale, v_scale
 
 
 def quantize_int8(model: nn.Module, step_rows: int | None = None, prefix: str = "") -> nn.Module:

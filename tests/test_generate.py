@@ -335,28 +335,42 @@ def test_the_heap_is_given_back_before_each_block_of_the_cache(toy, batch, monke
     """Building the decoder cache (pegasus.DecoderCache) gives the heap's free pages back to the system
     (memory.give_back_freed_memory, glibc's malloc_trim(0)) once the encoder has run, and again once every
     layer's key/value projections are written into the cross-attention block, before the self-attention
-    block is made (zeroed, where it is, all at once); never during the steps (~5 ms a call). The calls are
-    recorded from a stand-in libc. What it saves in resident memory is measured by benchmarks/speed.py
-    (README: Speed and memory)."""
+    block is made (zeroed, where it is, all at once). Before each step it looks at the resident size and
+    trims only where the process grew by more than the slack past its mark (memory.give_back_when_grown; a
+    trim is ~2-3 ms): here a stand-in resident size grows by 40 MiB before the third step, and the trim that
+    follows brings it back. The calls are recorded from a stand-in libc. What it saves in resident memory is
+    measured by benchmarks/speed.py (README: Speed and memory)."""
     import ctypes
 
+    import memory
     import pegasus
     model, _ = toy
     ids, mask = batch
     expected = generate(model, ids, mask, num_beams=2, max_new_tokens=4)
-    events = []
+    events, resident = [], [100 << 20]
 
     class LibC:
         mallopt = staticmethod(lambda option, value: None)
-        malloc_trim = staticmethod(lambda pad: events.append(f"malloc_trim({pad})"))
+
+        @staticmethod
+        def malloc_trim(pad):
+            events.append(f"malloc_trim({pad})")
+            resident[0] = 100 << 20  # what the step had faulted back in is released
 
     def record(obj, method, name):
         real = getattr(obj, method)
         monkeypatch.setattr(obj, method, lambda *a, **kw: events.append(name) or real(*a, **kw))
 
+    def step(*a, **kw):  # the second step's tensors land in 40 MiB of freed pages (the slack is 16)
+        resident[0] += (40 << 20) * (events.count("decode") == 2)
+        return events.append("decode") or real_decode(*a, **kw)
+
     monkeypatch.setattr(ctypes, "CDLL", lambda name: LibC())
-    for method in ("encode", "new_cache", "decode"):
+    monkeypatch.setattr(memory, "resident_bytes", lambda: resident[0])
+    for method in ("encode", "new_cache"):
         record(model, method, method)
+    real_decode = model.decode
+    monkeypatch.setattr(model, "decode", step)
     for layer in model.decoder.layers:
         record(layer.encoder_attn, "project_kv", "project_kv")
     real_kv_cache = pegasus.KVCache
@@ -364,7 +378,31 @@ def test_the_heap_is_given_back_before_each_block_of_the_cache(toy, batch, monke
     assert torch.equal(generate(model, ids, mask, num_beams=2, max_new_tokens=4), expected)
     L = len(model.decoder.layers)
     assert events == (["encode", "new_cache", "malloc_trim(0)"] + ["project_kv"] * L + ["malloc_trim(0)"]
-                      + ["KVCache"] * (L + 1) + ["decode"] * 4)
+                      + ["KVCache"] * (L + 1) + ["decode"] * 3 + ["malloc_trim(0)", "decode"])
+
+
+def test_the_mark_takes_in_the_first_step_and_live_memory(monkeypatch):
+    """memory.give_back_when_grown measures growth from a mark: where give_back_freed_memory left the process,
+    raised at its second call to where the loop's first iteration took it (that iteration's working set, which
+    a trim would only release for the next to fault in again), and raised again where a trim cannot bring the
+    process back (live memory grew), so that the following steps do not trim again for nothing."""
+    import memory
+    trims, resident = [], [100 << 20]
+    monkeypatch.setattr(memory, "_glibc", lambda: (None, trims.append))
+    monkeypatch.setattr(memory, "resident_bytes", lambda: resident[0])
+    memory.give_back_freed_memory()  # the mark: 100 MiB
+    memory.give_back_when_grown(16 << 20)  # before the first step
+    resident[0] += 20 << 20
+    memory.give_back_when_grown(16 << 20)  # after it: the mark is now 120 MiB
+    assert trims == [0]
+    resident[0] += 16 << 20
+    memory.give_back_when_grown(16 << 20)  # not more than the slack
+    assert trims == [0]
+    resident[0] += 1 << 20
+    memory.give_back_when_grown(16 << 20)  # more: a trim, which releases nothing here
+    assert trims == [0, 0]
+    memory.give_back_when_grown(16 << 20)  # the mark is now 137 MiB
+    assert trims == [0, 0]
 
 
 def test_beam_search_log_softmax_is_the_reference_kernel_in_place():
