@@ -476,7 +476,7 @@ def test_toy_model_generates_the_same_ids(toy, kw, amx, monkeypatch):
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
     same = same_texts(ref, out, TOY.eos_token_id)
     # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them; 47 and 47
-    # again with greedy's int8 cross-attention keys/values, 2026-12-07); Intel Xeon
+    # again with greedy's int8 cross-attention keys/values, 2026-12-07, and with their scales per channel); Intel Xeon
     # (AMX) 43 and 46 (44 and 45 before the encoder's bfloat16 attention there; 43 and 47 without the liberties;
     # greedy 44 with float32 keys/values as with bfloat16, AMX's path). The toy is trained on the CPU that runs the
     # test, and each CPU's float32 arithmetic trains a slightly different model with its own near-ties. Rows that
