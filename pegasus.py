@@ -646,7 +646,7 @@ class Pegasus(nn.Module):
         # (A third, per Attention module: compute_dtype, the int8 encoder's attention in bf16 on AMX CPUs.)
         self.kv_dtype: torch.dtype | None = None  # decoding's attention keys/values in this dtype (None: the model's)
         self.encode_each = False  # encode each document of a padded batch alone, at its own length (decoding.encode)
-        self.cross_kv_int8 = None  # decoding's int8 cross-attention keys/values: quantize.Int8CrossKV, or None
+        self.cross_kv_int8 = None  # greedy decoding's int8 cross-attention keys/values: quantize.Int8CrossKV, or None
         self.init_buffers()
         if not self.shared.weight.is_meta:  # meta: shapes only (see TiedEmbedding.reset_parameters)
             self.apply(self._init_weights)

@@ -610,8 +610,8 @@ class Int8CrossKV:
     16 layers in turn, one query row, 16 heads, with 14 MB streamed between layers (a layer's int8 weights), us
     a layer, float32 vs int8 (before 2026-12-07, when a second pass applied the scales in the buffer): 505 keys
     254 vs 221, 1,024 336 vs 339, 2,048 695 vs 803, 4,000 1,182 vs 2,440. Per channel, one pass: all 16 layers
-    read in 1.0-1.7 ms where the second pass took 2.9-3.6, and built in 63-80 ms where quantize_weight's rows
-    (a transposed copy of each projection) took 97-135 (505 tokens; the projections included)."""
+    read in 1.0-1.7 ms where the second pass took 2.9-3.6, and built in 63-80 ms where a scale per head and
+    position took 97-135 (505 tokens; the projections included)."""
 
     def __init__(self, layers, encoder_out: torch.Tensor):
         attn = layers[0].encoder_attn
