@@ -476,9 +476,8 @@ class DecoderCache:
         # cross_int8_bytes. Not for beam search: its bfloat16 keys/values converted from int8 at every layer and
         # step took 4 documents' beam 8 (pegasus-xsum shape, Zen 4, 2 threads) from 7.8-8.8 to 9.2-9.8 s in one
         # process (the fastest and the median of 5 rounds), for a peak 50-70 MiB lower (README: "Not met, and why").
-        layer_bytes = None if encoder_out is None else 2 * encoder_out.numel() * kv_dtype.itemsize  # one layer's k, v
-        int8_cross = (model.cross_kv_int8 is not None and layer_bytes is not None and self.on_cpu
-                      and not shared and not narrow and layer_bytes <= self.cross_int8_bytes)
+        int8_cross = (model.cross_kv_int8 is not None and encoder_out is not None and self.on_cpu and not shared
+                      and not narrow and 2 * encoder_out.numel() * kv_dtype.itemsize <= self.cross_int8_bytes)
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
         # (int8 beam 8 over 4 documents, Zen 4). Self-attention reading whole blocks of 16 slots, the unfilled
