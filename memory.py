@@ -85,7 +85,7 @@ def give_back_freed_memory():
     _MARK, _CHECKS = resident_bytes(), 0
 
 
-def give_back_when_grown(slack: int = 16 << 20):
+def give_back_when_grown(slack: int = 4 << 20):
     """For a loop whose iterations allocate and free the same tensors (decoding's steps: called before each by
     pegasus.DecoderCache.advance): the heap's free pages back to the system (malloc_trim(0)) where the process
     has grown by more than `slack` bytes past its mark. The mark is where give_back_freed_memory left it, raised
@@ -95,7 +95,10 @@ def give_back_when_grown(slack: int = 16 << 20):
     faulting back in pages that give_back_freed_memory released: beam 8 over 4 documents at pegasus-xsum shape
     (int8, Zen 4, 2 threads) took the process up 12 MB at a time (a step's logits), 25-100 MiB over 64 steps,
     where the first step's own working set was 25-30. A look at the resident size costs ~10 us, a trim ~2-3 ms
-    and the faults that follow it a few more."""
+    and the faults that follow it a few more. The slack, 4 MiB: with 16, a step could still fault back a 12 MB
+    block on top of its mark, and that job's peak was 1,119-1,142 MiB over five fresh processes; with 4,
+    1,118-1,121, for 0-2 more trims a job (the same 3-8 in all; int8 greedy, float32 greedy and bfloat16 beam
+    8 over 4 documents: 0-1 more)."""
     global _MARK, _CHECKS
     _CHECKS += 1
     resident = resident_bytes()

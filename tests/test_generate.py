@@ -361,7 +361,7 @@ def test_the_heap_is_given_back_before_each_block_of_the_cache(toy, batch, monke
         real = getattr(obj, method)
         monkeypatch.setattr(obj, method, lambda *a, **kw: events.append(name) or real(*a, **kw))
 
-    def step(*a, **kw):  # the second step's tensors land in 40 MiB of freed pages (the slack is 16)
+    def step(*a, **kw):  # the second step's tensors land in 40 MiB of freed pages (the slack is 4)
         resident[0] += (40 << 20) * (events.count("decode") == 2)
         return events.append("decode") or real_decode(*a, **kw)
 
