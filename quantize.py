@@ -102,7 +102,9 @@ the article's ~300 rows) and the decoder cache is one block per kind: beam 8 ove
 1.23-1.29 GiB at the peak, where it was 1.43-1.45 (benchmarks.speed, fresh processes, 2026-12-06).
 Packing the head holds its int8 table twice (the copy fbgemm packs from, and the result): load_model
 reads the table first and packs the head at once, while ~0.35 GiB is resident, not after the other
-matrices: the load's peak went from 913-953 to 831-845 MiB, at rest 819 (2026-12-07, Zen 4).
+matrices: the load's peak went from 913-953 to 831-845 MiB, at rest 819 (2026-12-07, Zen 4). Each block
+of rows is quantized in one float32 buffer (_Scratch), not a fresh temporary that left a hole in the heap
+per matrix: 873-946 MiB resident after the last matrix -> 786, the load's peak 812-834 (2026-12-07 evening).
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
 float logits' standard deviation): a random PEGASUS / PEGASUS-X at a small shape with uneven rows,
