@@ -170,7 +170,7 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", with_tokenizer: 
         if torch.device(device).type != "cpu":  # (on the CPU everything is in place; .to() would unpack the head)
             model.to(device)
         if quantize:  # the kernels' packed layouts now, once, rather than on the first forward
-            give_back_freed_memory()  # what reading left in the heap (int8 pegasus-xsum: ~0 MiB; 0-45 before _Scratch)
+            give_back_freed_memory()  # what reading left in the heap (int8 pegasus-xsum: ~0; 0-45 MiB before)
             pack_all(model)
     model.generation_config = generation
     model.encode_each |= dtype != torch.float32 and torch.device(device).type == "cpu"  # bf16/fp16: decoding.encode

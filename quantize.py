@@ -103,7 +103,7 @@ the article's ~300 rows) and the decoder cache is one block per kind: beam 8 ove
 Packing the head holds its int8 table twice (the copy fbgemm packs from, and the result): load_model
 reads the table first and packs the head at once, while ~0.35 GiB is resident, not after the other
 matrices: the load's peak went from 913-953 to 831-845 MiB, at rest 819 (2026-12-07, Zen 4). Each block
-of rows is quantized in one float32 buffer (_Scratch), not a fresh temporary that left a hole in the heap
+of rows is quantized in one float32 buffer (memory.ThreadBuffer), not a fresh temporary that left a hole in the heap
 per matrix: 873-946 MiB resident after the last matrix -> 786, the load's peak 812-834 (2026-12-07 evening).
 
 Quality (tests/test_quantize.py, against float32 on the same model; |dlogit| relative to the
@@ -171,10 +171,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from memory import ThreadBuffer
 from onednn import bf16_supported, per_step
 from pegasus import cpu_has_amx, set_attention_dtype
 
-# quantize_weight works on blocks of rows of at most this many floats (512 KB), in one buffer (_Scratch):
+# quantize_weight works on blocks of rows of at most this many floats (512 KB), in one buffer (_SCRATCH):
 # no full float temporary of a big matrix (the 96103 x 1024 embedding), and no fresh allocation per block.
 CHUNK_ELEMENTS = 2**17
 
@@ -188,17 +189,7 @@ def int8_scale(largest: torch.Tensor) -> torch.Tensor:
     return torch.where(largest > 0, largest / 127, torch.ones_like(largest))
 
 
-class _Scratch(threading.local):
-    """quantize_weight's float32 buffer for a block of rows, one per thread, grown to the largest block
-    it has needed and then kept. A fresh 512 KB block per matrix left a hole in glibc's heap each time:
-    the small tensors allocated between two matrices (scales, biases) took the start of the freed block,
-    and the next 512 KB no longer fitted there. Loading int8 at pegasus-xsum shape (Zen 4) grew the heap
-    by 126 MB for 39 MB of live tensors: 873-933 MiB resident after the last matrix against 786 with
-    this buffer, more than the rest of the load and the first summary then reach."""
-    floats = torch.empty(0)
-
-
-_SCRATCH = _Scratch()
+_SCRATCH = ThreadBuffer(torch.float32)  # quantize_weight's blocks of rows (memory.ThreadBuffer: why one buffer)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,12 +203,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # |w| <= largest, so |w / s| <= 127 up to one rounding of the division, and round() cannot reach 128.
     step = max(1, CHUNK_ELEMENTS // w.size(1))  # rows per block
     size = min(step, w.size(0)) * w.size(1)
-    if w.device.type != "cpu":
-        buffer = torch.empty(size, device=w.device)
-    elif _SCRATCH.floats.numel() >= size:
-        buffer = _SCRATCH.floats
-    else:
-        buffer = _SCRATCH.floats = torch.empty(size)
+    buffer = _SCRATCH.get(size) if w.device.type == "cpu" else torch.empty(size, device=w.device)  # (size,)
     for i in range(0, w.size(0), step):
         block = w[i: i + step]  # (r, in), any float dtype
         rows = buffer[: block.numel()].view(block.shape).copy_(block)  # (r, in) float32

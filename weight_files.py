@@ -19,7 +19,6 @@ import math
 import mmap
 import pickle
 import struct
-import threading
 import weakref
 import zipfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from hub import files_needed, shard_files
+from memory import ThreadBuffer
 
 
 def read_bin(file: Path, mmap: bool) -> dict[str, torch.Tensor]:
@@ -224,11 +224,7 @@ def same_bytes(a, b) -> bool:
             and a.dtype == b.dtype and a.device == b.device)
 
 
-class _ReadBuffer(threading.local):
-    buffer = torch.empty(0, dtype=torch.uint8)  # grown to the largest block read on this thread
-
-
-_READS = _ReadBuffer()
+_READS = ThreadBuffer(torch.uint8)  # Rows' reads: a block of a matrix's bytes at a time
 
 
 class Rows:
@@ -270,9 +266,7 @@ class Rows:
         first, last = rows.start, min(rows.stop, self.shape[0])
         row_bytes = self.shape[1] * self.dtype.itemsize
         size = (last - first) * row_bytes
-        if _READS.buffer.numel() < size:
-            _READS.buffer = torch.empty(size, dtype=torch.uint8)
-        block = _READS.buffer[:size]  # the file's bytes land here directly
+        block = _READS.get(size)  # the file's bytes land here directly
         view, done = memoryview(block.numpy()), 0
         with open(self.file, "rb", buffering=0) as f:
             f.seek(self.start + first * row_bytes)

@@ -108,7 +108,7 @@ def test_quantize_weight_is_symmetric_per_output_channel():
 
 def test_quantize_weight_allocates_only_its_result():
     """Loading quantizes ~260 matrices a block of rows at a time. A fresh block-sized float temporary for each
-    one left a hole in glibc's heap per matrix (quantize._Scratch: +87 MiB resident by the last matrix at
+    one left a hole in glibc's heap per matrix (memory.ThreadBuffer: +87 MiB resident by the last matrix at
     pegasus-xsum shape); the blocks go through one float32 buffer per thread instead, and w is only read.
     Profiled: the one allocation of a block's size or more is q itself; the bfloat16 matrix gives the same
     ints as its float32 values."""
