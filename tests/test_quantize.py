@@ -105,7 +105,6 @@ def test_quantize_weight_is_symmetric_per_output_channel():
     assert bool(((w - dequantize(q, scale)).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all())  # rounding: half a step
 
 
-
 def test_quantize_weight_allocates_only_its_result():
     """Loading quantizes ~260 matrices a block of rows at a time. A fresh block-sized float temporary for each
     one left a hole in glibc's heap per matrix (memory.ThreadBuffer: +87 MiB resident by the last matrix at
@@ -125,6 +124,7 @@ def test_quantize_weight_allocates_only_its_result():
     half = w.bfloat16()
     for got, want in zip(quantize_weight(half), quantize_weight(half.float())):
         assert torch.equal(got, want)
+
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_layer_error_is_bounded(seed):
