@@ -306,38 +306,46 @@ class Attention(nn.Module):
         return F.dropout(w, p, self.training) @ v, w.detach()  # (B, H, T, Dh)
 
     def forward(self, x, kv=None, mask=None, cache: KVCache | None = None, input_pos=None):
-        """x: (B, T, D) queries. kv: precomputed (k, v) for cross-attention (or (k, v, k_scale, v_scale): int8's
-        integers and their scales, quantize.Int8CrossKV), else self-attention.
-        mask: boolean (True = may attend) or additive, broadcastable to (B, H, T, S)."""
-        B, T, D = x.shape
+        """x: (B, T, D) queries. kv: precomputed keys/values for cross-attention, else self-attention: (k, v);
+        or (k, v, k_scale, v_scale), int8's integers and their scales (quantize.Int8CrossKV); or PerSource,
+        each source's (k, v) at its own length (DecoderCache). mask: boolean (True = may attend) or additive,
+        broadcastable to (B, H, T, S)."""
         q = self.split_heads(self.q_proj(x))  # (B, H, T, Dh)
-        scales = ()  # int8 keys/values' (below)
         if kv is None:
             k, v = self.project_kv(x)  # (B, H, T, Dh)
             if cache is not None:
                 k, v = cache.update(input_pos, k, v)  # (B, H, n, Dh): the n filled slots
-        else:
-            # Precomputed. int8 keys/values (quantize.Int8CrossKV) come with scales per channel, (B', H, 1, Dh):
-            # q . (k * s) = (q * s) . k and w (v * s) = (w v) * s, so they go on the queries and the output.
-            k, v, *scales = kv
+            kv = (k, v)
+        if isinstance(kv, PerSource):  # each source's hypotheses (consecutive rows) against its own keys, unpadded
+            rows = x.size(0) // len(kv)
+            out = torch.cat([self.attend_heads(q_s, kv_s, None) for q_s, kv_s in zip(q.split(rows), kv)])  # (B, T, D)
+            return self.out_proj(out)
+        return self.out_proj(self.attend_heads(q, kv, mask))  # (B, T, D)
+
+    def attend_heads(self, q, kv, mask):
+        """Queries (B, H, T, Dh) against keys/values kv (as in forward, one source's or a batch's) -> the heads'
+        outputs side by side, (B, T, D), in the queries' dtype."""
+        (B, H, T, Dh), dtype = q.shape, q.dtype
+        k, v, *scales = kv
         # Beam search runs B = n_src * n_beams hypotheses against n_src encoder outputs. Rather
         # than copying each source's keys/values n_beams times, fold the beams into the query
         # axis: beams of one source are just more queries against the same keys.
         group = B // k.size(0)
         if group > 1:
-            q = q.view(k.size(0), group, self.n_heads, T, self.head_dim).transpose(1, 2)  # (Bs, H, G, T, Dh)
-            q = q.reshape(k.size(0), self.n_heads, group * T, self.head_dim)  # (Bs, H, G*T, Dh)
+            q = q.view(k.size(0), group, H, T, Dh).transpose(1, 2)  # (Bs, H, G, T, Dh)
+            q = q.reshape(k.size(0), H, group * T, Dh)  # (Bs, H, G*T, Dh)
         if scales:
+            # int8 keys/values come with scales per channel, (B', H, 1, Dh): q . (k * s) = (q * s) . k and
+            # w (v * s) = (w v) * s, so they go on the queries and the output.
             q = q * scales[0]  # (B', H, T', Dh)
         out, w = self.attend(q.to(k.dtype), k, v, mask)  # (B', H, T', Dh) (k, v narrower: see DecoderCache)
-        out = out.to(x.dtype)
+        out = out.to(dtype)
         if scales:
             out = out * scales[1]
         self.weights = w if self.keep_weights else None
         if group > 1:
-            out = out.view(k.size(0), self.n_heads, group, T, self.head_dim).transpose(1, 2)  # (Bs, G, H, T, Dh)
-        out = out.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, D)  # (B, T, D)
-        return self.out_proj(out)
+            out = out.view(k.size(0), H, group, T, Dh).transpose(1, 2)  # (Bs, G, H, T, Dh)
+        return out.reshape(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, D)
 
 
 def set_attention_mode(model: nn.Module, *, sdpa: bool = True, keep_weights: bool = False):
@@ -442,6 +450,13 @@ class Stack(nn.Module):
         self.layer_norm = nn.LayerNorm(d_model)
 
 
+class PerSource(list):
+    """One layer's cross-attention keys/values as a list of (k, v), (1, H, S_i, Dh) each: every source at its
+    own length, no padding, so no mask (DecoderCache builds it for a padded batch in a narrower dtype; Attention
+    runs each source's hypotheses against its own). A type of its own so that Attention.forward can tell it
+    from one (k, v) pair for the whole batch."""
+
+
 class DecoderCache:
     """What the decoder keeps between steps: cross-attention keys/values, computed once per source
     document (shared by all its beams), and one self-attention KVCache per layer."""
@@ -478,6 +493,10 @@ class DecoderCache:
         # process (the fastest and the median of 5 rounds), for a peak 50-70 MiB lower (README: "Not met, and why").
         int8_cross = (model.cross_kv_int8 is not None and encoder_out is not None and self.on_cpu and not shared
                       and not narrow and 2 * encoder_out.numel() * kv_dtype.itemsize <= self.cross_int8_bytes)
+        # A padded batch in a narrower dtype (a liberty float32 never takes: its sums over the padded width are the
+        # reference's): every source's keys/values at its own length (PerSource), no memory or work spent on padding.
+        # Int8 beam 8 over 4 documents of 505-313 tokens (pegasus-xsum shape): 102 MiB of keys/values, not 126.
+        lengths = None if attention_mask is None or not narrow else self.source_lengths(attention_mask)
         # bfloat16 attention on the CPU runs on oneDNN matmuls (Attention.attend), and oneDNN builds and keeps
         # a kernel for every new shape: one per key length, so 64 steps grew the process by ~1.3 MB a step
         # (int8 beam 8 over 4 documents, Zen 4). Self-attention reading whole blocks of 16 slots, the unfilled
@@ -499,6 +518,8 @@ class DecoderCache:
             # and values (int8, beam 8 over 4 documents, Zen 4); one large block is a mapping of its own.
             if int8_cross:
                 self.cross_kv = model.cross_kv_int8(layers, encoder_out)
+            elif lengths is not None:
+                self.cross_kv = self.per_source(layers, encoder_out, lengths, kv_dtype)
             else:
                 kv = torch.empty(len(layers), 2, encoder_out.size(0), H, encoder_out.size(1), Dh, dtype=kv_dtype,
                                  device=model.device)  # (L, 2, Bs, H, S, Dh)
@@ -508,7 +529,7 @@ class DecoderCache:
                 self.cross_kv = [(k, v) for k, v in kv]
             give_back_freed_memory()
         # (Bs, 1, 1, S), boolean or added (added_mask)
-        self.cross_mask = None if attention_mask is None else self.added_mask(padding_mask(attention_mask))
+        self.cross_mask = None if attention_mask is None or lengths else self.added_mask(padding_mask(attention_mask))
         # Every layer's self-attention keys/values, and the spare pair a move writes into (advance), in one
         # block. Not zeroed: only filled slots are read (zeroing took ~0.4 s of an 8 s int8 beam 8 over 4
         # documents), but where attention reads whole blocks of slots the unfilled ones, masked out, must
@@ -523,6 +544,34 @@ class DecoderCache:
         # hypothesis i, else a tensor (n_hyps,), row_of[i] = the row of hypothesis i.
         self.row_of = None
         self.group = n_hyps // (1 if encoder_out is None else encoder_out.size(0))  # rows a source's beams keep to
+
+    @staticmethod
+    def source_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+        """Each source's length where the batch is right-padded (every mask row a prefix of ones), has padding and
+        no empty source; else None (the padded layout)."""
+        lengths = attention_mask.sum(1)  # (Bs,)
+        prefix = torch.arange(attention_mask.size(1), device=lengths.device) < lengths[:, None]  # (Bs, S)
+        if bool(attention_mask.all()) or not bool((attention_mask.bool() == prefix).all()) or not bool(lengths.all()):
+            return None
+        return lengths.tolist()
+
+    def per_source(self, layers, encoder_out: torch.Tensor, lengths: list[int], dtype: torch.dtype) -> list[PerSource]:
+        """Every layer's cross-attention keys/values for each source at its own length (PerSource), from the padded
+        states (Bs, S, D): one block for all (as the padded layout), each source's (H, S_i, Dh) contiguous in it."""
+        H = layers[0].encoder_attn.n_heads
+        Dh = encoder_out.size(2) // H
+        block = torch.empty(len(layers), 2, sum(lengths) * H * Dh, dtype=dtype, device=encoder_out.device)
+        cross_kv = []
+        for (k_all, v_all), layer in zip(block, layers):  # (sum_i S_i * H * Dh,) each
+            pairs, start = PerSource(), 0
+            for i, n in enumerate(lengths):
+                k, v = (t[start: start + n * H * Dh].view(1, H, n, Dh) for t in (k_all, v_all))  # (1, H, S_i, Dh)
+                k_new, v_new = layer.encoder_attn.project_kv(encoder_out[i: i + 1, :n])  # (1, H, S_i, Dh) each
+                k.copy_(k_new), v.copy_(v_new)
+                pairs.append((k, v))
+                start += n * H * Dh
+            cross_kv.append(pairs)
+        return cross_kv
 
     def advance(self, input_pos: torch.Tensor) -> torch.Tensor | None:
         """Before a step writes positions input_pos (T,): sets the slots filled once it has (one host

@@ -331,6 +331,45 @@ def test_kv_cache_reorder_moves_hypotheses_between_rows_and_refuses_to_overflow(
             model.decode(prefix[:, :1], cache=cache, input_pos=torch.tensor([4]))
 
 
+def test_a_padded_batchs_narrower_cross_keys_values_are_each_sources_own_length(toy, batch, monkeypatch):
+    """Where decoding keeps keys/values in a narrower dtype (model.kv_dtype: int8 and bfloat16 models on the CPU),
+    the decoder cache holds each source's cross-attention keys/values at its own length (pegasus.PerSource): no
+    padding in memory, no mask, each source's hypotheses against its own keys. Forced here with float32 as the
+    "narrower" dtype, so the arithmetic is the padded layout's up to rounding: the logits of every step and the
+    beam search's ids are the same. float32 decoding itself keeps the padded batch (the reference's sums), and so
+    does a batch without padding or left-padded."""
+    import pegasus
+    model, _ = toy
+    ids, mask = batch  # 16 sources of 2..6 tokens, right-padded
+    dec = torch.randint(2, TOY.vocab_size, (ids.size(0), 5), generator=torch.Generator().manual_seed(3))
+
+    def cached_logits(ids, mask, hyps=2):  # teacher-forced through the cache, one step at a time
+        with torch.inference_mode():
+            cache = model.new_cache(model.encode(ids, mask), mask, hyps * ids.size(0), dec.size(1))
+            steps = [model.logits(model.decode(dec[:, t: t + 1].repeat_interleave(hyps, 0), cache=cache,
+                                               input_pos=torch.tensor([t]))) for t in range(dec.size(1))]
+        return cache, torch.cat(steps, 1)  # (hyps * B, T, V)
+
+    padded, ref = cached_logits(ids, mask)
+    assert isinstance(padded.cross_kv[0], tuple) and padded.cross_mask is not None  # float32: the reference's layout
+    expected = generate(model, ids, mask, num_beams=4, max_new_tokens=6)
+    monkeypatch.setattr(model, "kv_dtype", torch.float32)
+    cache, out = cached_logits(ids, mask)
+    lengths = mask.sum(1).tolist()
+    assert len(set(lengths)) > 1 and cache.cross_mask is None
+    for pairs in cache.cross_kv:  # every layer: each source's (k, v), (1, H, S_i, Dh)
+        assert isinstance(pairs, pegasus.PerSource)
+        assert [(k.size(2), v.size(2), k.size(0)) for k, v in pairs] == [(n, n, 1) for n in lengths]
+    first = cache.cross_kv[0][0][0]
+    assert first.untyped_storage().nbytes() == len(model.decoder.layers) * 2 * sum(lengths) * TOY.d_model * 4
+    assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()  # logits up to ~11: rounding
+    assert torch.equal(generate(model, ids, mask, num_beams=4, max_new_tokens=6), expected)
+    # The padded layout where there is no padding, or it is on the left (positions would not be a prefix).
+    assert isinstance(cached_logits(ids[:, :2], mask[:, :2])[0].cross_kv[0], tuple)
+    left = torch.stack([m.roll(int((m == 0).sum())) for m in mask])  # (B, S) the same lengths, padding first
+    assert isinstance(cached_logits(ids, left)[0].cross_kv[0], tuple)
+
+
 def test_the_heap_is_given_back_before_each_block_of_the_cache(toy, batch, monkeypatch):
     """Building the decoder cache (pegasus.DecoderCache) gives the heap's free pages back to the system
     (memory.give_back_freed_memory, glibc's malloc_trim(0)) once the encoder has run, and again once every
