@@ -328,9 +328,11 @@ def test_decoding_liberties_stay_close(kind, amx, monkeypatch):
     dmax, dmean, top1 = logit_errors(ref, decoding_logits(model, ids, mask, dec))
     # (pegasus_x's 23 of 24 with the encoder's attention in bfloat16: a near-tie of the random model flips)
     assert 0 < dmean < 0.003 and dmax < 0.02 and top1 >= (0.95 if amx else 1), (dmax, dmean, top1)
-    # With int8: what int8 decoding computes against float32, within the int8 bounds. Measured: max 0.117 /
-    # 0.127, mean 0.0187 / 0.0229 (int8 without the liberties: 0.106 / 0.130, 0.0196 / 0.0238); with the encoder's
-    # attention in bfloat16 (Xeon): max 0.098 / 0.117, mean 0.0186 / 0.0232, top-1 0.96 / 0.96.
+    # With int8: what int8 decoding computes against float32, within the int8 bounds. Measured: max 0.095 / 0.138,
+    # mean 0.0187 / 0.0228, each source's cross keys/values at its own length (pegasus.PerSource: its own activation
+    # scale in their projections); padded, 0.117 / 0.127, 0.0187 / 0.0229; int8 without the liberties 0.106 / 0.130,
+    # 0.0196 / 0.0238; with the encoder's attention in bfloat16 (Xeon, padded): max 0.098 / 0.117, mean 0.0186 /
+    # 0.0232, top-1 0.96 / 0.96.
     twin = int8_twin(random_model(kind))  # quantize_model's liberties, as on this CPU (amx: as on one with AMX)
     assert attention_dtypes(twin.encoder) == {torch.bfloat16 if amx and bf16_supported() else None}
     dmax, dmean, top1 = logit_errors(ref, decoding_logits(twin, ids, mask, dec))
@@ -502,8 +504,9 @@ def test_toy_model_generates_the_same_ids(toy, kw, amx, monkeypatch):
         assert cross_keys(cache).dtype == (twin.kv_dtype or torch.float32)
     ref, out = generate(model, ids, mask, max_new_tokens=14, **kw), generate(twin, ids, mask, max_new_tokens=14, **kw)
     same = same_texts(ref, out, TOY.eos_token_id)
-    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 47 with beam 4 (48 and 46 without them; 47 and 47
-    # again with greedy's int8 cross-attention keys/values, 2026-12-07, and with their scales per channel); Intel Xeon
+    # measured with decoding's liberties: Zen 4 47 of 48 greedy, 46 with beam 4 since pegasus.PerSource (47 before
+    # it; 48 and 46 without the liberties; 47 and 47 again with greedy's int8 cross-attention keys/values,
+    # 2026-12-07, and with their scales per channel); Intel Xeon
     # (AMX) 43 and 46 (44 and 45 before the encoder's bfloat16 attention there; 43 and 47 without the liberties;
     # greedy 44 with float32 keys/values as with bfloat16, AMX's path). The toy is trained on the CPU that runs the
     # test, and each CPU's float32 arithmetic trains a slightly different model with its own near-ties. Rows that
