@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pegasus import right_padded_lengths
+
 NEG = -1e9  # "ruled out" in beam bookkeeping; finite, as in the reference, so that sums stay ordered
 
 
@@ -377,12 +379,11 @@ def encode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
     document's activations are not scaled together with its batch-mates' (quantize.py)."""
     if not model.encode_each or attention_mask is None or input_ids.size(0) == 1:
         return model.encode(input_ids, attention_mask)
-    lengths = attention_mask.sum(1)  # (B,)
-    prefix = torch.arange(input_ids.size(1), device=lengths.device) < lengths[:, None]  # (B, S) right padding
-    if not bool((attention_mask.bool() == prefix).all()):  # left-padded: positions would shift; as the reference
+    lengths = right_padded_lengths(attention_mask)
+    if lengths is None:  # left-padded: positions would shift; as the reference
         return model.encode(input_ids, attention_mask)
     out = torch.zeros(*input_ids.shape, model.config.d_model, dtype=model.dtype, device=input_ids.device)  # (B, S, D)
-    for i, n in enumerate(lengths.tolist()):
+    for i, n in enumerate(lengths):
         if n:  # (an empty document has no states to compute)
             out[i, :n] = model.encode(input_ids[i: i + 1, :n])[0]  # (n, D)
     return out

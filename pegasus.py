@@ -179,6 +179,14 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask[:, None, None, :].bool()
 
 
+def right_padded_lengths(attention_mask: torch.Tensor) -> list[int] | None:
+    """(B, S) with 1 for tokens, 0 for padding -> each row's length, where every row is a prefix of ones (padding on
+    the right, as tokenizer.py pads); None where a row has padding elsewhere (positions would not be a prefix)."""
+    lengths = attention_mask.sum(1)  # (B,)
+    prefix = torch.arange(attention_mask.size(1), device=lengths.device) < lengths[:, None]  # (B, S)
+    return lengths.tolist() if bool((attention_mask.bool() == prefix).all()) else None
+
+
 def causal_mask(T: int, device) -> torch.Tensor:
     """(T, T): query t attends to positions 0..t (teacher forcing: a token never sees its future)."""
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -547,13 +555,12 @@ class DecoderCache:
 
     @staticmethod
     def source_lengths(attention_mask: torch.Tensor) -> list[int] | None:
-        """Each source's length where the batch is right-padded (every mask row a prefix of ones), has padding and
-        no empty source; else None (the padded layout)."""
-        lengths = attention_mask.sum(1)  # (Bs,)
-        prefix = torch.arange(attention_mask.size(1), device=lengths.device) < lengths[:, None]  # (Bs, S)
-        if bool(attention_mask.all()) or not bool((attention_mask.bool() == prefix).all()) or not bool(lengths.all()):
+        """Each source's length where the batch is right-padded, has padding and no empty source; else None (the
+        padded layout)."""
+        lengths = right_padded_lengths(attention_mask)
+        if lengths is None or min(lengths) == 0 or min(lengths) == attention_mask.size(1):
             return None
-        return lengths.tolist()
+        return lengths
 
     def per_source(self, layers, encoder_out: torch.Tensor, lengths: list[int], dtype: torch.dtype) -> list[PerSource]:
         """Every layer's cross-attention keys/values for each source at its own length (PerSource), from the padded
