@@ -325,9 +325,12 @@ class Attention(nn.Module):
                 k, v = cache.update(input_pos, k, v)  # (B, H, n, Dh): the n filled slots
             kv = (k, v)
         if isinstance(kv, PerSource):  # each source's hypotheses (consecutive rows) against its own keys, unpadded
-            rows = x.size(0) // len(kv)
-            out = torch.cat([self.attend_heads(q_s, kv_s, None) for q_s, kv_s in zip(q.split(rows), kv)])  # (B, T, D)
-            return self.out_proj(out)
+            rows, outs, weights = x.size(0) // len(kv), [], []
+            for q_s, kv_s in zip(q.split(rows), kv):
+                outs.append(self.attend_heads(q_s, kv_s, None))  # (rows, T, D)
+                weights.append(self.weights)
+            self.weights = weights if self.keep_weights else None  # one per source: their key lengths differ
+            return self.out_proj(torch.cat(outs))  # (B, T, D)
         return self.out_proj(self.attend_heads(q, kv, mask))  # (B, T, D)
 
     def attend_heads(self, q, kv, mask):

@@ -364,6 +364,11 @@ def test_a_padded_batchs_narrower_cross_keys_values_are_each_sources_own_length(
     assert first.untyped_storage().nbytes() == len(model.decoder.layers) * 2 * sum(lengths) * TOY.d_model * 4
     assert torch.allclose(out, ref, atol=1e-4, rtol=0), (out - ref).abs().max()  # logits up to ~11: rounding
     assert torch.equal(generate(model, ids, mask, num_beams=4, max_new_tokens=6), expected)
+    with pegasus.attention_mode(model, sdpa=False, keep_weights=True):  # the weights kept: one tensor per source
+        cached_logits(ids, mask)
+    weights = model.decoder.layers[0].encoder_attn.weights  # the last step's, (1, H, 2 hypotheses, S_i) each
+    assert [w.shape[-1] for w in weights] == lengths and [w.shape[2] for w in weights] == [2] * len(lengths)
+    assert all(torch.allclose(w.sum(-1), torch.ones(())) for w in weights)
     # The padded layout where there is no padding, or it is on the left (positions would not be a prefix).
     assert isinstance(cached_logits(ids[:, :2], mask[:, :2])[0].cross_kv[0], tuple)
     left = torch.stack([m.roll(int((m == 0).sum())) for m in mask])  # (B, S) the same lengths, padding first
