@@ -120,10 +120,18 @@ class ThreadBuffer(threading.local):
     pegasus-xsum shape grew the heap by 126 MB for 39 MB of live tensors that way (Zen 4, 2026-12-07)."""
 
     def __init__(self, dtype: torch.dtype):
-        self.buffer = torch.empty(0, dtype=dtype)
+        self.buffer = self.allocate(0, dtype)
 
     def get(self, numel: int) -> torch.Tensor:
         """The first numel elements of this thread's buffer, which the next get() overwrites: (numel,)."""
         if self.buffer.numel() < numel:
-            self.buffer = torch.empty(numel, dtype=self.buffer.dtype)
+            self.buffer = self.allocate(numel, self.buffer.dtype)
         return self.buffer[:numel]
+
+    @staticmethod
+    def allocate(numel: int, dtype: torch.dtype) -> torch.Tensor:
+        # A normal tensor even when grown inside torch.inference_mode() (a model loaded in a `with` block): the
+        # buffer outlives that block, and an inference tensor cannot be written in place outside one, so the
+        # next int8 load would fail ("Inplace update to inference tensor outside InferenceMode").
+        with torch.inference_mode(False):
+            return torch.empty(numel, dtype=dtype)

@@ -10,6 +10,7 @@ import copy
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,25 @@ def test_int8_model_saves_as_float_and_reloads(toy, tmp_path):
     ids, mask = toy_inputs(8, TOY)
     with torch.no_grad():
         torch.testing.assert_close(again(ids, mask), q(ids, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_int8_loads_inside_and_after_inference_mode(toy):
+    """A model loaded inside `torch.inference_mode()` leaves the loader's per-thread scratch writable
+    (memory.ThreadBuffer): the next int8 load in that thread, outside the block, works and gives the same
+    model. Grown inside the block, the buffer was an inference tensor, and that load failed ("Inplace update
+    to inference tensor outside InferenceMode"). A fresh thread, so the buffer is grown here, whatever ran
+    before in the test process."""
+    _, path = toy
+
+    def inside_then_outside():
+        with torch.inference_mode():
+            first, _ = load_model(path, with_tokenizer=False, quantize="int8")
+        second, _ = load_model(path, with_tokenizer=False, quantize="int8")
+        return first.state_dict(), second.state_dict()
+
+    with ThreadPoolExecutor(1) as pool:  # a new thread: its ThreadBuffers start empty
+        first, second = pool.submit(inside_then_outside).result()
+    assert same_state(first, second)
 
 
 def test_int8_model_moves(toy):
