@@ -46,20 +46,21 @@ WORDS = "the of and to in a is that for it as was with be by on not he this are 
 
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
-    """8,000 texts: 6,000 paragraphs of Python's stdlib source (prose docstrings and comments,
+    """8,000 texts: 6,000 distinct paragraphs of Python's stdlib source (prose docstrings and comments,
     code, indentation runs, newlines, tabs, some non-ASCII) plus 2,000 random mixtures of the
     Unicode/number/code/special-string bits above with words and assorted separators."""
     rng = random.Random(0)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
     rng.shuffle(files)
-    texts = []
+    distinct = {}  # paragraph -> None, in order: a repeated one (a file's "#-----" rules) would count each time
     for f in files:
-        paragraphs = f.read_text(encoding="utf-8", errors="replace").split("\n\n")
-        texts += [p for p in paragraphs if p.strip() and len(p) < 2000]
-        if len(texts) >= 6000:
+        for p in f.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if p.strip() and len(p) < 2000:
+                distinct.setdefault(p)
+        if len(distinct) >= 6000:
             break
-    texts = texts[:6000]
+    texts = list(distinct)[:6000]
     assert len(texts) == 6000, "not enough stdlib source found to build the corpus"
     for _ in range(2000):
         parts = [rng.choice(UNICODE_BITS if rng.random() < 0.5 else WORDS) for _ in range(rng.randint(1, 12))]
