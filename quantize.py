@@ -324,11 +324,25 @@ _ZERO_POINT = torch.zeros(1, dtype=torch.long)  # the weights' zero point: symme
 
 
 def cpu_and_onednn_int8(cpu_has) -> bool:
-    """Whether cpu_has() (one of torch.cpu's instruction-set checks) and PyTorch has oneDNN's int8 linear ops."""
+    """Whether cpu_has() (one of torch.cpu's instruction-set checks), PyTorch has oneDNN's int8 linear ops,
+    and they sum without saturating here (onednn_int8_exact)."""
     try:
-        return cpu_has() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+        return cpu_has() and hasattr(torch.ops.onednn, "qlinear_pointwise") and onednn_int8_exact()
     except (AttributeError, RuntimeError):  # an older PyTorch
         return False
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear sums uint8 x int8 products exactly: fbgemm_reduce_range's input, built to
+    saturate int16 pair sums, must give 62. The CPU's flags do not settle it: ONEDNN_MAX_CPU_ISA (e.g. AVX2,
+    or AVX512_CORE to keep oneDNN off AMX) holds oneDNN below them, where it runs without VNNI and its sums
+    clip (the Zen 4 with ONEDNN_MAX_CPU_ISA=AVX2, before this check: outputs off fbgemm's by up to 0.84, where
+    tests/test_quantize.py holds them within 1e-5 of the largest, 8.6e-5)."""
+    x = torch.ones(2, 64)
+    x[:, 0] = -1
+    y = onednn_linear(x, onednn_pack(torch.full((8, 64), 127, dtype=torch.int8)), torch.full((8,), 1 / 127), None)
+    return bool(((y - 62).abs() < 2).all())
 
 
 @functools.cache

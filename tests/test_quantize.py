@@ -13,6 +13,10 @@ loads, saves and runs int8 models end to end (load_model(quantize="int8"), summa
 
 import copy
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -520,10 +524,11 @@ def test_toy_model_generates_the_same_ids(toy, kw, amx, monkeypatch):
 # fbgemm's everywhere, oneDNN's where the CPU has AMX (or VNNI, for the head) and a matrix's calls bring many rows
 # (quantize.choose_kernel).
 # oneDNN adds its uint8 x int8 products into int32 without saturating only with VNNI (every AMX CPU has it), so
-# the oneDNN kernel is run here, forced, on CPUs whose fbgemm probe finds VNNI (Zen 4 too); its choice, everywhere.
-VNNI = quantize.fbgemm_available() and not quantize.fbgemm_reduce_range()
-needs_vnni = pytest.mark.skipif(not VNNI, reason="no VNNI here (or no fbgemm): oneDNN's int8 kernel is only ever "
-                                                 "chosen on CPUs with VNNI (every AMX CPU has it)")
+# the oneDNN kernel is run here, forced, on CPUs whose fbgemm probe finds VNNI (Zen 4 too) and whose oneDNN uses it
+# (its own probe: ONEDNN_MAX_CPU_ISA can hold it below the CPU); its choice, everywhere.
+VNNI = quantize.fbgemm_available() and not quantize.fbgemm_reduce_range() and quantize.onednn_int8_exact()
+needs_vnni = pytest.mark.skipif(not VNNI, reason="no VNNI here (or no fbgemm, or oneDNN held below VNNI): oneDNN's "
+                                                 "int8 kernel is only ever chosen where its sums are exact")
 
 
 @needs_vnni
@@ -546,6 +551,26 @@ def test_onednn_kernel_computes_what_fbgemm_does():
     torch.testing.assert_close(heads[1].project(h), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     assert heads[1].weight is None
     assert same_state(heads[1].state_dict(), Int8TiedEmbedding.from_weight(table).state_dict())
+
+
+@needs_vnni
+def test_onednn_is_chosen_only_where_its_int8_sums_are_exact():
+    """oneDNN held below the CPU's instruction sets (ONEDNN_MAX_CPU_ISA=AVX2: no VNNI) clips its int8 sums,
+    which the CPU's flags do not show: its probe (quantize.onednn_int8_exact) says so, and choose_kernel keeps
+    a many-row matrix on fbgemm (unrestricted, the same matrix goes to oneDNN). Fresh processes: oneDNN reads
+    the variable once, when it starts."""
+    code = ("import torch, quantize; "
+            "print(quantize.onednn_int8_exact(), quantize.choose_kernel(torch.ones(8), 512, (16, 16)))")
+
+    def ask(isa):
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+        env |= {"ONEDNN_MAX_CPU_ISA": isa} if isa else {}
+        run = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(quantize.__file__).parent,
+                             capture_output=True, text=True, check=True)
+        return run.stdout.split()
+
+    assert ask(None) == ["True", "onednn"]
+    assert ask("AVX2") == ["False", "fbgemm"]
 
 
 @pytest.mark.skipif(not quantize.fbgemm_available(), reason="no fbgemm: nothing is packed (weight-only int8)")
