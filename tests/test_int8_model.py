@@ -141,7 +141,11 @@ def test_int8_model_moves(toy):
         assert torch.equal(q.to("cpu")(ids, mask), before)  # unpacked by the move, packed again on use
         y64 = q.to(torch.float64)(ids, mask)
     assert y64.dtype == torch.float64 and q.shared.weight.dtype == torch.int8 and q.dtype == torch.float64
-    assert (y64.float() - before).abs().max().item() < 1e-3 * before.std().item()
+    # The layers quantize their float32 inputs to 8 bits (7 without VNNI); float64's residual stream differs from
+    # float32's in the last bits, which now and then moves an input across a rounding boundary. Measured (toy,
+    # Zen 4): 0 here with 8 bits, 0.016 of the spread with 7 (fbgemm_reduce_range forced), 0.003 with PyTorch's
+    # AVX2 kernels (ATEN_CPU_CAPABILITY=avx2). A move that broke the layers would be off by the spread itself.
+    assert (y64.float() - before).abs().max().item() < 5e-2 * before.std().item()
 
 
 @pytest.mark.parametrize("kind", ["pegasus", "pegasus_x"])
