@@ -279,17 +279,21 @@ def fbgemm_unpack(packed) -> torch.Tensor:
     return torch.ops.quantized.linear_unpack(packed)[0].int_repr()
 
 
-@functools.cache
-def fbgemm_reduce_range() -> bool:
-    """Whether fbgemm's kernel on this CPU needs 7-bit activations to avoid int16 saturation (see the
-    module docstring). One input built to saturate: x = [-1, 1, ..., 1] quantizes to uint8 0 and
+def sums_exactly(linear) -> bool:
+    """Whether an int8 kernel adds its uint8 x int8 products without int16 saturation (see the module
+    docstring), asked with one input built to saturate: x = [-1, 1, ..., 1] quantizes to uint8 0 and
     255, the weights are all +127, so each pair of products is 2 * 255 * 127 > 32767. Without
-    saturation the answer is 62; with it, far off."""
+    saturation the answer is 62; with it, far off. linear(x, q, scale) -> (2, 8) runs the kernel."""
     x = torch.ones(2, 64)
     x[:, 0] = -1
-    packed = fbgemm_pack(torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127), None)
-    y = torch.ops.quantized.linear_dynamic(x, packed, False)  # (2, 8)
-    return not bool(((y - 62).abs() < 2).all())
+    y = linear(x, torch.full((8, 64), 127, dtype=torch.int8), torch.full((8,), 1 / 127))  # (2, 8)
+    return bool(((y - 62).abs() < 2).all())
+
+
+@functools.cache
+def fbgemm_reduce_range() -> bool:
+    """Whether fbgemm's kernel on this CPU needs 7-bit activations to avoid int16 saturation."""
+    return not sums_exactly(lambda x, q, s: torch.ops.quantized.linear_dynamic(x, fbgemm_pack(q, s, None), False))
 
 
 # ----------------------------------------------------------------------------- oneDNN's kernel (AMX)
@@ -334,15 +338,11 @@ def cpu_and_onednn_int8(cpu_has) -> bool:
 
 @functools.cache
 def onednn_int8_exact() -> bool:
-    """Whether oneDNN's int8 linear sums uint8 x int8 products exactly: fbgemm_reduce_range's input, built to
-    saturate int16 pair sums, must give 62. The CPU's flags do not settle it: ONEDNN_MAX_CPU_ISA (e.g. AVX2,
-    or AVX512_CORE to keep oneDNN off AMX) holds oneDNN below them, where it runs without VNNI and its sums
-    clip (the Zen 4 with ONEDNN_MAX_CPU_ISA=AVX2, before this check: outputs off fbgemm's by up to 0.84, where
-    tests/test_quantize.py holds them within 1e-5 of the largest, 8.6e-5)."""
-    x = torch.ones(2, 64)
-    x[:, 0] = -1
-    y = onednn_linear(x, onednn_pack(torch.full((8, 64), 127, dtype=torch.int8)), torch.full((8,), 1 / 127), None)
-    return bool(((y - 62).abs() < 2).all())
+    """Whether oneDNN's int8 linear sums uint8 x int8 products exactly (sums_exactly). The CPU's flags do not
+    settle it: ONEDNN_MAX_CPU_ISA (e.g. AVX2, or AVX512_CORE to keep oneDNN off AMX) holds oneDNN below them,
+    where it runs without VNNI and its sums clip (the Zen 4 with ONEDNN_MAX_CPU_ISA=AVX2, before this check:
+    outputs off fbgemm's by up to 0.84, where tests/test_quantize.py holds them within 1e-5 of the largest)."""
+    return sums_exactly(lambda x, q, s: onednn_linear(x, onednn_pack(q), s, None))
 
 
 @functools.cache
