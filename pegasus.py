@@ -501,7 +501,8 @@ class DecoderCache:
         # keys/values instead (quantize.Int8CrossKV: a quarter of the bytes), while one layer's fit
         # cross_int8_bytes. Not for beam search: its bfloat16 keys/values converted from int8 at every layer and
         # step took 4 documents' beam 8 (pegasus-xsum shape, Zen 4, 2 threads) from 7.8-8.8 to 9.2-9.8 s in one
-        # process (the fastest and the median of 5 rounds), for a peak 50-70 MiB lower (README: "Not met, and why").
+        # process (the fastest and the median of 5 rounds), for a peak 50-70 MiB lower (README: "Near the line, and
+        # why").
         int8_cross = (model.cross_kv_int8 is not None and encoder_out is not None and self.on_cpu and not shared
                       and not narrow and 2 * encoder_out.numel() * kv_dtype.itemsize <= self.cross_int8_bytes)
         # A padded batch in a narrower dtype (a liberty float32 never takes: its sums over the padded width are the

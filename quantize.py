@@ -140,7 +140,7 @@ activations (d_ffn wide, with fbgemm's int32 sums of the same size) are 1 MB eac
 shape, benchmarks.speed's greedy job (one 505-token article, int8, 2 threads, Zen 4, MiB): 826 at rest; encoder
 876-897 -> 859-872 (with the residual sums written in place, pegasus.EncoderLayer); decoding 902-926 -> 856-865 (now
 and then 20-30 more); the process's peak 905-929 -> 860-921, 19 of 26 processes at or under 873, 1/3 of float32's
-2,620 (README, "Not met, and why"). Their errors: tests/test_quantize.py (test_int8_cross_keys_values_stay_close,
+2,620 (README, "Near the line, and why"). Their errors: tests/test_quantize.py (test_int8_cross_keys_values_stay_close,
 test_feed_forward_over_blocks_of_positions).
 
 The tied embedding becomes an Int8TiedEmbedding: lookups dequantize the rows they read, and its
