@@ -29,6 +29,7 @@ from hub import resolve
 from load_weights import generation_config, load_model, read_config
 from memory import returning_freed_memory
 from onednn import bf16_supported, use_onednn
+from quantize import fbgemm_available
 from resumable import PartWriter, merge_parts, part_path, read_parts, record_keys, write_atomically
 from screen import screened_argmax
 from tokenizer import n_to_newline
@@ -51,7 +52,7 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
     does the same where oneDNN has fast bfloat16 kernels (onednn.bf16_supported: AVX-512 BF16 / AMX);
     elsewhere it runs PyTorch's default (slow) bfloat16 matmuls, with a one-line note. quantize="int8"
     loads int8 weights (quantize.py; fbgemm's kernels, oneDNN's on AMX and for the head with VNNI),
-    never building the float model.
+    never building the float model; where fbgemm's kernels cannot run, weight-only int8, with a one-line note.
     original: see load_weights.load_model (the TF positions and "<n>" newlines).
 
     batch and num_beams: the decoding the caller will run, where it knows it (the CLI: documents per
@@ -69,6 +70,10 @@ def load(name_or_path, dtype="float32", device="cpu", revision=None, original: b
         rows = "any" if batch != 1 or (num_beams or 0) > 1 else num_beams  # "any", 1 or None
     key = (str(name_or_path), str(dtype), str(device), revision, original, quantize, rows)
     if key not in _LOADED:
+        if quantize is not None and torch.device(device).type == "cpu" and not fbgemm_available():
+            print("note: fbgemm's int8 kernels do not run in this PyTorch (not an x86 build, or its deprecated "
+                  "quantized tensors are gone); int8 runs weight-only here: int8's memory, not its speed",
+                  file=sys.stderr)
         # Mapped: use_onednn packs from the page cache, each weight's pages let go as it is replaced; what the
         # heap frees meanwhile (a packed bfloat16 copy, int8 blocks) goes back to the system (the policy below).
         step_rows = None

@@ -74,9 +74,9 @@ bits); with AMX (Sapphire Rapids and later) oneDNN's int8 tile kernels are 2-4x 
 for the many-row matmuls (the encoder, beam search over a batch), so there those matrices are packed
 for oneDNN (choose_kernel, and the table in "oneDNN's kernel" below), while the one-row decoding steps
 stay memory bound and stay with fbgemm. With AVX-512 VNNI but no AMX (AMD Zen 4) oneDNN wins only the
-output head, from 16 rows per call. On CUDA, or where PyTorch was built without fbgemm, Int8Linear falls
-back to weight-only int8: float activations times the dequantized weight (no speed-up, the same
-memory saving at rest).
+output head, from 16 rows per call. On CUDA, where PyTorch was built without fbgemm, or where its deprecated
+quantized tensors (which fbgemm's packing reads) are gone (fbgemm_available), Int8Linear falls back to
+weight-only int8: float activations times the dequantized weight (no speed-up, the same memory saving at rest).
 
 Memory
 ------
@@ -227,8 +227,17 @@ _WARNINGS = threading.Lock()  # see fbgemm_pack
 
 @functools.cache
 def fbgemm_available() -> bool:
-    """fbgemm is PyTorch's x86 int8 GEMM library (AVX2 / AVX-512 / VNNI kernels)."""
-    return "fbgemm" in torch.backends.quantized.supported_engines
+    """fbgemm is PyTorch's x86 int8 GEMM library (AVX2 / AVX-512 / VNNI kernels): whether this PyTorch has it
+    and its ops still run, tried once on a small matrix (fbgemm_reduce_range's probe). Its packing reads the
+    "quantized tensors" that PyTorch deprecated in 2.13, to be removed in a later release: where they are gone,
+    int8 runs weight-only, as on a GPU (Int8Linear.forward), rather than failing at load."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        fbgemm_reduce_range()
+        return True
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def choose_kernel(t: torch.Tensor, rows_per_call: int | None, onednn_from: tuple[int | None, int | None]) -> str | None:

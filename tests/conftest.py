@@ -79,6 +79,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def quantized_tensors_removed():
+    """A PyTorch whose deprecated quantized tensors are gone (deprecated in 2.13, to be removed in a later release):
+    creating one raises, for fbgemm's packing and oneDNN's int8 inputs alike. The probes' cached answers are
+    dropped before and after (quantize.fbgemm_available and the others)."""
+    import torch
+
+    import quantize
+    import screen
+
+    probes = (quantize.fbgemm_available, quantize.fbgemm_reduce_range, quantize.onednn_int8_exact, quantize.amx_int8,
+              quantize.vnni_int8, quantize.quantized_tensors_warned, screen.fbgemm_screen_available)
+
+    def removed(*args, **kwargs):
+        raise RuntimeError("quantized tensors were removed from this PyTorch")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for creator in ("_make_per_channel_quantized_tensor", "quantize_per_tensor_dynamic"):
+            mp.setattr(torch, creator, removed)
+        for probe in probes:
+            probe.cache_clear()
+        yield
+    for probe in probes:
+        probe.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def toy_pegasus():
     """PEGASUS at toy.py's TOY shape, trained on the toy task (800 steps, seed 0; ~20 s on one core), once

@@ -266,6 +266,20 @@ def test_summarize_and_cli_with_int8(checkpoint):
     assert want[0].strip()
 
 
+def test_int8_without_fbgemm_says_so_and_runs_weight_only(checkpoint, quantized_tensors_removed, capsys, monkeypatch):
+    """Where fbgemm's kernels cannot run (a PyTorch without its deprecated quantized tensors, conftest.py; or not
+    x86), the CLI's loader says so in one line and the int8 model summarizes on the weight-only path."""
+    monkeypatch.setattr(generate, "_LOADED", {})  # a fresh load, not one an earlier test cached
+    net, tok = generate.load(str(checkpoint), quantize="int8")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("note: fbgemm's int8 kernels do not run"), err
+    assert all(m.packed is None for m in net.modules() if isinstance(m, (Int8Linear, Int8TiedEmbedding)))
+    assert generate.summarize(TEXT, (net, tok))[0].strip()
+    generate.load(str(checkpoint), quantize="int8")  # the loaded model again: no second note
+    generate.load(str(checkpoint))  # float32: no note
+    assert capsys.readouterr().err == ""
+
+
 def test_load_hints_the_int8_kernels_with_batch_times_beams(checkpoint):
     """generate.load (the CLI's loader) gives load_model the hypotheses per step, batch x beams, the beam width
     read from the checkpoint when not given (quantize.quantize_model's step_rows: oneDNN's kernels on AMX)."""

@@ -169,6 +169,21 @@ def test_fallback_path_is_weight_only_int8(monkeypatch):
     torch.testing.assert_close(y, F.linear(x, dequantize(lin.weight, lin.scale), b), rtol=1e-5, atol=1e-6)
 
 
+def test_int8_runs_weight_only_where_quantized_tensors_are_gone(quantized_tensors_removed, monkeypatch):
+    """Without PyTorch's quantized tensors, fbgemm cannot pack: the probe says so, and an int8 model builds
+    and runs on the weight-only path (the same logits as with fbgemm switched off), not a traceback at load."""
+    assert not quantize.fbgemm_available() and not quantize.vnni_int8() and not quantize.amx_int8()
+    model = random_model("pegasus")
+    ids, mask, labels = random_batch()
+    twin = int8_twin(model)
+    with torch.inference_mode():
+        logits = twin(ids, mask, shift_right(labels, model.config))
+    assert all(m.packed is None for m in twin.modules() if isinstance(m, (Int8Linear, Int8TiedEmbedding)))
+    monkeypatch.setattr(quantize, "fbgemm_available", lambda: False)  # the weight-only path, chosen directly
+    with torch.inference_mode():
+        assert torch.equal(logits, int8_twin(model)(ids, mask, shift_right(labels, model.config)))
+
+
 def test_saturating_input_is_exact_enough():
     """An input that overflows fbgemm's int16 pair sums on CPUs without VNNI unless reduce_range
     is on (quantize.fbgemm_reduce_range): the answer must still be right."""
